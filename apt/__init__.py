@@ -1,0 +1,51 @@
+"""APT: a config-driven PyTorch framework for training transformer language models.
+
+>>> from apt import load_profile, Trainer
+>>> result = Trainer.from_config(load_profile("quickstart")).train()   # doctest: +SKIP
+
+The engine classes are imported on first use, so ``import apt`` and config-only CLI commands
+stay fast.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from apt.core.config import APTConfig, load_profile
+from apt.core.errors import APTError, CheckpointError, ConfigError, DataError, DistributedError
+
+__version__ = "2.0.0a1"
+
+__all__ = [
+    "APTConfig",
+    "APTError",
+    "APTLargeModel",
+    "APTModel",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DistributedError",
+    "Finetuner",
+    "Trainer",
+    "__version__",
+    "load_profile",
+]
+
+_LAZY = {
+    "Trainer": "apt.trainops.engine",
+    "Finetuner": "apt.trainops.engine",
+    "APTModel": "apt.model",
+    "APTLargeModel": "apt.model",
+}
+
+if TYPE_CHECKING:
+    from apt.model import APTLargeModel, APTModel
+    from apt.trainops.engine import Finetuner, Trainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'apt' has no attribute {name!r}")

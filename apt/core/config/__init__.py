@@ -1,0 +1,45 @@
+"""Validated run configuration: pydantic sections loaded from YAML profiles.
+
+``load_profile("standard", overrides=["training.learning_rate=3e-4"])`` reads the YAML file
+(strictly), merges its ``extends:`` parents, applies the overrides and validates the result into a
+frozen :class:`APTConfig` that remembers where every value came from.
+"""
+
+from apt.core.config.callbacks import CallbackSpec
+from apt.core.config.data import DataConfig
+from apt.core.config.loader import config_from_dict, list_profiles, load_profile, resolve_profile
+from apt.core.config.model import AlignConfig, ModelConfig, MoEConfig, VoterConfig
+from apt.core.config.root import APTConfig
+from apt.core.config.runtime import ArtifactsConfig, EvalConfig, MonitoringConfig
+from apt.core.config.schedules import AnnealSpec, SchedulesConfig
+from apt.core.config.training import (
+    CheckpointConfig,
+    DistributedConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TrainingConfig,
+)
+
+__all__ = [
+    "APTConfig",
+    "AlignConfig",
+    "AnnealSpec",
+    "ArtifactsConfig",
+    "CallbackSpec",
+    "CheckpointConfig",
+    "DataConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "MonitoringConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "SchedulesConfig",
+    "TrainingConfig",
+    "VoterConfig",
+    "config_from_dict",
+    "list_profiles",
+    "load_profile",
+    "resolve_profile",
+]

@@ -1,0 +1,50 @@
+"""``data:`` — where the text comes from and how it becomes token sequences."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from apt.core.config.base import Section
+
+__all__ = ["DataConfig"]
+
+
+class DataConfig(Section):
+    """Text corpus, tokenizer and sequence shape.
+
+    ``source: python_stdlib`` reads the ``.py`` files of the running Python's standard library
+    (present on every machine with Python, so the quickstart needs no download);
+    ``source: files`` reads ``train_files`` / ``val_files`` (``.txt`` or ``.jsonl``, globs allowed).
+    """
+
+    source: Literal["python_stdlib", "files"] = Field(
+        "python_stdlib", description="Corpus: the Python standard library sources, or your files."
+    )
+    train_files: list[str] = Field(
+        default_factory=list, description="Training files or globs (.txt, .jsonl) for source=files."
+    )
+    val_files: list[str] = Field(
+        default_factory=list,
+        description="Validation files or globs; empty: split val_fraction of the files off.",
+    )
+    text_field: str = Field("text", description="The key holding the text in .jsonl records.")
+    val_fraction: float = Field(
+        0.05, gt=0, lt=1,
+        description="Share of files held out for validation, chosen by a hash of each file's "
+        "relative path (deterministic on every machine).",
+    )
+    max_corpus_bytes: int | None = Field(
+        None, ge=1, description="Read at most this many bytes of training text (None: all)."
+    )
+    tokenizer: Literal["byte"] = Field("byte", description="Tokenizer: byte-level UTF-8 (256 ids).")
+    seq_len: int = Field(128, ge=2, description="Tokens per packed training sequence.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    shuffle: bool = Field(True, description="Shuffle sequences each epoch (seeded).")
+
+    @model_validator(mode="after")
+    def _files_given(self) -> DataConfig:
+        if self.source == "files" and not self.train_files:
+            raise ValueError("source 'files' needs train_files (a list of paths or globs)")
+        return self

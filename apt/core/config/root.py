@@ -1,0 +1,112 @@
+"""``APTConfig``: the whole run, as one validated, frozen object."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from apt.core.config.base import Section
+from apt.core.config.callbacks import CallbackSpec
+from apt.core.config.data import DataConfig
+from apt.core.config.model import ModelConfig
+from apt.core.config.runtime import ArtifactsConfig, EvalConfig, MonitoringConfig
+from apt.core.config.schedules import ALIASES, ENABLE_KEY, SchedulesConfig
+from apt.core.config.training import TrainingConfig
+
+__all__ = ["APTConfig"]
+
+
+class APTConfig(Section):
+    """A complete run description, loaded from a YAML profile by :func:`load_profile`.
+
+    Components never receive this root object: each is built from the narrowest section it
+    needs (``cfg.model``, ``cfg.training.checkpoints``, ...).
+    """
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The network.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus and tokenizer.")
+    training: TrainingConfig = Field(description="Optimisation, distribution and checkpoints.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation.")
+    monitoring: MonitoringConfig = Field(
+        default_factory=MonitoringConfig, description="Progress and metric logs."
+    )
+    artifacts: ArtifactsConfig = Field(
+        default_factory=ArtifactsConfig, description="Run folder and exported model."
+    )
+    schedules: SchedulesConfig = Field(
+        default_factory=SchedulesConfig, description="Curriculum: module switches and annealing."
+    )
+    callbacks: list[CallbackSpec] = Field(
+        default_factory=list, description="Extra callbacks by name or import path."
+    )
+
+    _provenance: dict[str, str] = PrivateAttr(default_factory=dict)
+    _source: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _schedules_name_real_things(self) -> APTConfig:
+        modules = self.model.controllable_modules()
+        attrs = self.model.schedulable_attributes()
+        for key, value in self.schedules.root.items():
+            match = ENABLE_KEY.match(key)
+            if match:
+                if not isinstance(value, int):
+                    raise ValueError(f"schedules.{key} must be an integer {match['by']} number")
+                if match["module"] not in modules:
+                    raise ValueError(
+                        f"schedules.{key}: the model has no module {match['module']!r}. "
+                        f"Switchable modules: {', '.join(modules) or 'none (add model.moe, model.align or model.voter)'}"
+                    )
+                continue
+            if isinstance(value, int):
+                raise ValueError(
+                    f"schedules.{key}: an integer is only valid for enable_<module>_at_epoch|step keys"
+                )
+            target = ALIASES.get(key, key)
+            if target not in attrs:
+                raise ValueError(
+                    f"schedules.{key}: {target!r} is not a schedulable attribute of this model. "
+                    f"Valid: {', '.join(sorted(set(attrs) | {a for a, t in ALIASES.items() if t in attrs})) or 'none'}"
+                )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> APTConfig:
+        """Load a profile file (its ``extends:`` parents included) and apply ``overrides``."""
+        from apt.core.config.loader import load_profile
+
+        return load_profile(Path(path), overrides=overrides)
+
+    @property
+    def source(self) -> str | None:
+        """The profile file this config was loaded from, if any."""
+        return self._source
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """Where each explicitly set dotted key came from (``file:line`` or ``--set``)."""
+        return dict(self._provenance)
+
+    def origin_of(self, dotted_key: str) -> str:
+        """Where ``dotted_key``'s value came from; ``default`` when nothing set it."""
+        if dotted_key in self._provenance:
+            return self._provenance[dotted_key]
+        parts = dotted_key.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in self._provenance:
+                return self._provenance[prefix]
+        return "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-compatible data."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved config; equal configs give equal fingerprints."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()

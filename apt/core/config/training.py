@@ -1,0 +1,223 @@
+"""``training:`` — how the model is optimised, including ``distributed`` and ``checkpoints``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, model_validator
+
+from apt.core.config.base import Section
+
+__all__ = [
+    "CheckpointConfig",
+    "DistributedConfig",
+    "OptimizerConfig",
+    "SchedulerConfig",
+    "TrainingConfig",
+]
+
+STRATEGIES = ("single", "ddp", "fsdp")
+
+
+class AdamWConfig(Section):
+    """AdamW (decoupled weight decay)."""
+
+    kind: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    weight_decay: float = Field(0.1, ge=0, description="Decay of weight matrices only.")
+    fused: bool | None = Field(None, description="Fused kernel; None: on where supported (CUDA).")
+
+
+class AdamConfig(AdamWConfig):
+    """Adam (L2 penalty added to the gradient)."""
+
+    kind: Literal["adam"] = "adam"  # type: ignore[assignment]
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty of weight matrices only.")
+
+
+class SGDConfig(Section):
+    """SGD with (optional Nesterov) momentum."""
+
+    kind: Literal["sgd"] = "sgd"
+    momentum: float = Field(0.9, ge=0, description="Momentum factor.")
+    nesterov: bool = Field(False, description="Nesterov momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty of weight matrices only.")
+
+
+OptimizerConfig = Annotated[AdamWConfig | AdamConfig | SGDConfig, Field(discriminator="kind")]
+
+
+class _SchedulerBase(Section):
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many steps.")
+
+
+class ConstantSchedule(_SchedulerBase):
+    """Constant learning rate after warmup."""
+
+    type: Literal["constant"] = "constant"
+
+
+class LinearSchedule(_SchedulerBase):
+    """Linear decay to ``min_lr_ratio * lr`` at the last step."""
+
+    type: Literal["linear"] = "linear"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a share of the peak.")
+
+
+class CosineSchedule(_SchedulerBase):
+    """Cosine decay to ``min_lr_ratio * lr`` at the last step."""
+
+    type: Literal["cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final lr as a share of the peak.")
+
+
+class StepSchedule(_SchedulerBase):
+    """Multiply the lr by ``gamma`` every ``step_size`` steps."""
+
+    type: Literal["step"] = "step"
+    step_size: int = Field(1000, ge=1, description="Steps between decays.")
+    gamma: float = Field(0.1, gt=0, description="Decay factor.")
+
+
+class ExponentialSchedule(_SchedulerBase):
+    """Multiply the lr by ``gamma`` every step."""
+
+    type: Literal["exponential"] = "exponential"
+    gamma: float = Field(0.999, gt=0, description="Per-step decay factor.")
+
+
+class PlateauSchedule(_SchedulerBase):
+    """Multiply the lr by ``factor`` when the validation loss stops improving."""
+
+    type: Literal["plateau"] = "plateau"
+    factor: float = Field(0.5, gt=0, lt=1, description="Decay factor on a plateau.")
+    patience: int = Field(2, ge=0, description="Evaluations without improvement before decaying.")
+    threshold: float = Field(1e-4, ge=0, description="Relative improvement that counts.")
+    min_lr: float = Field(0.0, ge=0, description="Lower bound of the lr.")
+
+
+class WSDSchedule(_SchedulerBase):
+    """Warmup-stable-decay: constant, then linear decay over the final ``decay_fraction``."""
+
+    type: Literal["wsd"] = "wsd"
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="Share of steps spent decaying.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a share of the peak.")
+
+
+SchedulerConfig = Annotated[
+    ConstantSchedule | LinearSchedule | CosineSchedule | StepSchedule | ExponentialSchedule
+    | PlateauSchedule | WSDSchedule,
+    Field(discriminator="type"),
+]
+
+
+class DDPOptions(Section):
+    """Options of the ``ddp`` strategy."""
+
+    bucket_cap_mb: int = Field(25, ge=1, description="Gradient bucket size.")
+    static_graph: bool = Field(False, description="Promise the graph never changes.")
+    find_unused_parameters: bool | None = Field(
+        None, description="Detect parameters without gradients (None: on for MoE models)."
+    )
+
+
+class FSDPOptions(Section):
+    """Options of the ``fsdp`` strategy (FSDP2 ``fully_shard`` per block)."""
+
+    reshard_after_forward: bool = Field(True, description="Free gathered weights after forward.")
+    param_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="Compute dtype of gathered parameters (None: training.precision)."
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Gradient reduce dtype.")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters on the CPU.")
+
+
+class DistributedConfig(Section):
+    """How the run is spread over processes; started by ``torchrun`` or ``python -m apt launch``."""
+
+    enabled: bool | None = Field(
+        None, description="Run distributed. None: true for any strategy but 'single'."
+    )
+    strategy: Literal["single", "ddp", "fsdp"] = Field("single", description="Parallelism.")
+    world_size: int | None = Field(
+        None, ge=1, description="Expected number of processes; checked against the launcher's."
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="c10d backend; auto: nccl on CUDA, gloo on CPU."
+    )
+    timeout_seconds: int = Field(600, ge=1, description="Collective timeout (a dead peer ends "
+                                 "the run after this long instead of hanging).")
+    ddp: DDPOptions = Field(default_factory=DDPOptions, description="DDP options.")
+    fsdp: FSDPOptions = Field(default_factory=FSDPOptions, description="FSDP options.")
+
+    @model_validator(mode="after")
+    def _enabled_agrees(self) -> DistributedConfig:
+        if self.enabled is False and self.strategy != "single":
+            raise ValueError(
+                f"enabled is false but strategy is {self.strategy!r}; remove 'enabled' or set "
+                "strategy: single"
+            )
+        if self.enabled is True and self.strategy == "single":
+            raise ValueError("enabled is true but strategy is 'single'; pick ddp or fsdp")
+        return self
+
+
+class CheckpointConfig(Section):
+    """When and where checkpoints are written, and which are kept."""
+
+    save_interval: int | None = Field(
+        500, ge=1, description="Save every N optimizer steps (None: only at the end and on exit)."
+    )
+    keep_last_n: int = Field(3, ge=1, description="Newest checkpoints kept.")
+    keep_best_n: int = Field(0, ge=0, description="Best checkpoints kept by best_metric.")
+    best_metric: str = Field("val_loss", description="Metric ranking checkpoints for keep_best_n.")
+    best_mode: Literal["min", "max"] = Field("min", description="Lower or higher is better.")
+    milestone_interval: int | None = Field(
+        None, ge=1, description="Also keep every checkpoint whose step is a multiple of this."
+    )
+    async_save: bool = Field(False, description="Write checkpoints in a background thread.")
+    directory: str = Field("checkpoints", description="Folder inside the run folder.")
+    on_save_error: Literal["stop", "continue"] = Field(
+        "stop", description="After a failed save (disk full): stop the run, or warn and go on."
+    )
+
+
+class TrainingConfig(Section):
+    """Optimisation: steps, batch, optimizer, LR schedule, precision, distribution, checkpoints."""
+
+    task: str = Field("causal_lm", description="Training task (see `python -m apt tasks`).")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per process.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step."
+    )
+    learning_rate: float = Field(
+        3e-4, gt=0, validation_alias=AliasChoices("learning_rate", "lr"), description="Peak lr."
+    )
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train.")
+    num_epochs: int | None = Field(
+        None, ge=1, description="Epochs to train (with max_steps: whichever ends first)."
+    )
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Autocast dtype (fp16 adds a GradScaler)."
+    )
+    compile: bool = Field(False, description="Wrap the model with torch.compile.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    seed: int = Field(1234, description="Seed of every random source (model init, data order).")
+    deterministic: bool = Field(False, description="Use deterministic algorithms only.")
+    auto_resume: bool = Field(True, description="Continue from the run folder's newest checkpoint.")
+    optimizer: OptimizerConfig = Field(default_factory=AdamWConfig, description="Optimizer.")
+    scheduler: SchedulerConfig = Field(default_factory=ConstantSchedule, description="LR schedule.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="Parallelism."
+    )
+    checkpoints: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpointing."
+    )
+
+    @model_validator(mode="after")
+    def _has_an_end(self) -> TrainingConfig:
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("set max_steps or num_epochs (or both) so the run has an end")
+        return self
