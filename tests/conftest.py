@@ -1,0 +1,25 @@
+"""Shared fixtures: run every test from a scratch folder so run folders never pollute the repo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """chdir into a fresh folder (profiles resolve through the package, not ./profiles)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("APT_PROFILE_PATH", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("APT_FAULT_INJECT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        if key in os.environ:
+            monkeypatch.delenv(key)
