@@ -31,15 +31,26 @@ class DataConfig(Section):
     )
     text_field: str = Field("text", description="The key holding the text in .jsonl records.")
     val_fraction: float = Field(
-        0.05, gt=0, lt=1,
+        0.05,
+        gt=0,
+        lt=1,
         description="Share of files held out for validation, chosen by a hash of each file's "
         "relative path (deterministic on every machine).",
     )
     max_corpus_bytes: int | None = Field(
-        None, ge=1, description="Read at most this many bytes of training text (None: all)."
+        None,
+        ge=1,
+        description="Read at most this many bytes of training text, files taken in sorted order "
+        "(None: all). The validation side is capped in proportion: "
+        "max_corpus_bytes * val_fraction / (1 - val_fraction).",
     )
     tokenizer: Literal["byte"] = Field("byte", description="Tokenizer: byte-level UTF-8 (256 ids).")
     seq_len: int = Field(128, ge=2, description="Tokens per packed training sequence.")
+    cache_dir: str | None = Field(
+        None,
+        description="Folder for token caches (numpy .npy files, memory-mapped on load), keyed by "
+        "the file list, sizes, mtimes, tokenizer and seq_len; None: tokenize in memory each run.",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     shuffle: bool = Field(True, description="Shuffle sequences each epoch (seeded).")
 

@@ -1,0 +1,3 @@
+"""How models are trained: engine, distributed strategies, data, checkpoints, eval, artifacts."""
+
+__all__: list[str] = []

@@ -1,0 +1,44 @@
+"""Data: corpus files -> tokens -> packed sequences -> a resumable, rank-aware DataLoader.
+
+>>> from apt.core.config import DataConfig
+>>> bundle = build_datasets(DataConfig(max_corpus_bytes=200_000))     # doctest: +SKIP
+>>> loader = create_dataloader(bundle.train, batch_size=16, seed=1234)  # doctest: +SKIP
+
+See ``docs/data.md`` for the corpus sources, the split, packing, the sampler and the cache.
+"""
+
+from apt.trainops.data.build import DataBundle, build_datasets
+from apt.trainops.data.corpus import CorpusFile, python_stdlib_files, read_documents, resolve_files
+from apt.trainops.data.loader import create_dataloader, seed_worker
+from apt.trainops.data.packing import CorpusStats, PackedDataset, tokenize_documents
+from apt.trainops.data.sampler import ResumableSampler
+from apt.trainops.data.split import split_caps, split_files
+from apt.trainops.data.tokenizers import (
+    TOKENIZERS,
+    ByteTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    token_dtype,
+)
+
+__all__ = [
+    "TOKENIZERS",
+    "ByteTokenizer",
+    "CorpusFile",
+    "CorpusStats",
+    "DataBundle",
+    "PackedDataset",
+    "ResumableSampler",
+    "Tokenizer",
+    "build_datasets",
+    "build_tokenizer",
+    "create_dataloader",
+    "python_stdlib_files",
+    "read_documents",
+    "resolve_files",
+    "seed_worker",
+    "split_caps",
+    "split_files",
+    "token_dtype",
+    "tokenize_documents",
+]

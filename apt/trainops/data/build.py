@@ -1,0 +1,186 @@
+"""``build_datasets``: a ``data:`` config section -> packed train and validation datasets."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from apt.core.config.data import DataConfig
+from apt.core.errors import DataError
+from apt.trainops.data.cache import cache_key, load_tokens, save_tokens
+from apt.trainops.data.corpus import CorpusFile, read_documents, resolve_files, stdlib_corpus
+from apt.trainops.data.packing import (
+    CorpusStats,
+    PackedDataset,
+    num_sequences,
+    tokenize_documents,
+)
+from apt.trainops.data.split import split_caps, split_files
+from apt.trainops.data.tokenizers import Tokenizer, build_tokenizer, token_dtype
+
+__all__ = ["DataBundle", "build_datasets"]
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """What :func:`build_datasets` returns.
+
+    Attributes:
+        train: packed training sequences.
+        val: packed validation sequences.
+        tokenizer: the tokenizer both were encoded with (for decoding samples).
+        description: one line for the run log (source, files, tokens, sequences, cache).
+        train_stats: counts of the training side.
+        val_stats: counts of the validation side.
+        train_files: the files of the training side, sorted (a byte cap may stop reading early).
+        val_files: the files of the validation side, sorted.
+    """
+
+    train: PackedDataset
+    val: PackedDataset
+    tokenizer: Tokenizer
+    description: str
+    train_stats: CorpusStats
+    val_stats: CorpusStats
+    train_files: tuple[Path, ...] = ()
+    val_files: tuple[Path, ...] = ()
+
+
+def _corpus_files(cfg: DataConfig) -> tuple[list[CorpusFile], list[CorpusFile]]:
+    if cfg.source == "python_stdlib":
+        return split_files(stdlib_corpus(), cfg.val_fraction, key="data.source 'python_stdlib'")
+    train = resolve_files(cfg.train_files, key="data.train_files")
+    if not cfg.val_files:
+        return split_files(train, cfg.val_fraction, key="data.train_files")
+    val = resolve_files(cfg.val_files, key="data.val_files")
+    both = sorted({f.path.resolve() for f in train} & {f.path.resolve() for f in val})
+    if both:
+        raise DataError(
+            f"{both[0]} is in both data.train_files and data.val_files"
+            f"{f' (and {len(both) - 1} more)' if len(both) > 1 else ''}; validation on training "
+            "text measures nothing. Remove it from one of the two lists."
+        )
+    return train, val
+
+
+def _too_small(side: str, files: list[CorpusFile], tokens: int, seq_len: int, capped: bool) -> str:
+    names = ", ".join(str(f.path) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    fixes = "add text, or lower data.seq_len"
+    if capped:
+        fixes += ", or raise data.max_corpus_bytes"
+    if side == "val":
+        fixes += ", or raise data.val_fraction / list bigger data.val_files"
+    return (
+        f"the {'validation' if side == 'val' else 'training'} text ({len(files)} file(s): "
+        f"{names}) is {tokens} tokens, too few for one sequence of data.seq_len={seq_len} "
+        f"(needs {seq_len + 1}). To fix: {fixes}."
+    )
+
+
+def _load_side(
+    side: str,
+    files: list[CorpusFile],
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    max_bytes: int | None,
+) -> tuple[PackedDataset, CorpusStats, bool]:
+    """Tokens of one side, from the cache when possible. Returns (dataset, stats, cache_hit)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    key = None
+    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else None
+    if cache_dir is not None:
+        key = cache_key(
+            files,
+            tokenizer=tokenizer,
+            seq_len=seq_len,
+            text_field=cfg.text_field,
+            max_bytes=max_bytes,
+        )
+        hit = load_tokens(cache_dir, side, key, dtype)
+        if hit is not None:
+            tokens, stats, cached_path = hit
+            if num_sequences(len(tokens), seq_len) < 1:
+                raise DataError(
+                    _too_small(side, files, len(tokens), seq_len, max_bytes is not None)
+                )
+            return PackedDataset(tokens, seq_len, path=cached_path), stats, True
+
+    read: set[Path] = set()
+
+    def texts() -> Iterator[str]:
+        for file, text in read_documents(files, text_field=cfg.text_field, max_bytes=max_bytes):
+            read.add(file.path)
+            yield text
+
+    array, stats = tokenize_documents(texts(), tokenizer)
+    stats = dataclasses.replace(stats, files=len(read))
+    if num_sequences(len(array), seq_len) < 1:
+        raise DataError(_too_small(side, files, len(array), seq_len, max_bytes is not None))
+    path: Path | None = None
+    if cache_dir is not None and key is not None:
+        array, path = save_tokens(cache_dir, side, key, np.ascontiguousarray(array), stats)
+    return PackedDataset(array, seq_len, path=path), stats, False
+
+
+def _describe(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    sides: dict[str, tuple[PackedDataset, CorpusStats, bool]],
+) -> str:
+    parts = []
+    for side, (dataset, stats, hit) in sides.items():
+        parts.append(
+            f"{side} {stats.files} files / {stats.documents} docs / {stats.tokens:,} tokens "
+            f"-> {len(dataset):,} seqs{' (cached)' if hit else ''}"
+        )
+    cap = f", cap {cfg.max_corpus_bytes:,} B" if cfg.max_corpus_bytes else ""
+    return (
+        f"data {cfg.source}{cap}, tokenizer {tokenizer.name} ({tokenizer.vocab_size}), "
+        f"seq_len {seq_len}: " + "; ".join(parts)
+    )
+
+
+def build_datasets(cfg: DataConfig, *, seq_len: int | None = None) -> DataBundle:
+    """Read, split, tokenize and pack the corpus ``cfg`` describes.
+
+    Args:
+        cfg: the ``data:`` section.
+        seq_len: tokens per sequence; None: ``cfg.seq_len``. (The engine passes the model's
+            context length when it is the shorter of the two.)
+
+    Returns:
+        The train and validation datasets, the tokenizer and a one-line description.
+
+    Raises:
+        DataError: no files matched, a file is unreadable or malformed, a side is too small
+            for one sequence, or the cache folder is not writable; the message says which file
+            (and line) and what to change.
+        ConfigError: ``cfg.tokenizer`` is not a registered tokenizer.
+    """
+    seq_len = cfg.seq_len if seq_len is None else seq_len
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    tokenizer = build_tokenizer(cfg.tokenizer)
+    train_files, val_files = _corpus_files(cfg)
+    train_cap, val_cap = split_caps(cfg.max_corpus_bytes, cfg.val_fraction)
+    sides = {
+        "train": _load_side("train", train_files, cfg, tokenizer, seq_len, train_cap),
+        "val": _load_side("val", val_files, cfg, tokenizer, seq_len, val_cap),
+    }
+    (train, train_stats, _), (val, val_stats, _) = sides["train"], sides["val"]
+    return DataBundle(
+        train=train,
+        val=val,
+        tokenizer=tokenizer,
+        description=_describe(cfg, tokenizer, seq_len, sides),
+        train_stats=train_stats,
+        val_stats=val_stats,
+        train_files=tuple(f.path for f in train_files),
+        val_files=tuple(f.path for f in val_files),
+    )
