@@ -8,15 +8,20 @@ from pydantic import AliasChoices, Field, model_validator
 
 from apt.core.config.base import Section
 
-__all__ = ["PRESETS", "AlignConfig", "ModelConfig", "MoEConfig", "VoterConfig"]
+__all__ = ["PRESETS", "AlignConfig", "MoEConfig", "ModelConfig", "VoterConfig"]
 
 #: Named sizes. Keys set explicitly next to ``preset`` win over the preset's values.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "max_seq_len": 256},
     "small": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "max_seq_len": 1024},
     "base": {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "max_seq_len": 2048},
-    "large": {"hidden_size": 2048, "num_layers": 32, "num_heads": 32, "num_kv_heads": 8,
-              "max_seq_len": 4096},
+    "large": {
+        "hidden_size": 2048,
+        "num_layers": 32,
+        "num_heads": 32,
+        "num_kv_heads": 8,
+        "max_seq_len": 4096,
+    },
 }
 
 
@@ -32,8 +37,10 @@ class MoEConfig(Section):
     num_experts: int = Field(8, ge=2, description="Experts per MoE layer.")
     top_k: int = Field(2, ge=1, description="Experts each token is routed to.")
     capacity_factor: float = Field(
-        1.25, gt=0, description="Tokens an expert accepts, as a multiple of its fair share "
-        "(tokens * top_k / num_experts). Tokens over capacity skip the expert (residual only)."
+        1.25,
+        gt=0,
+        description="Tokens an expert accepts, as a multiple of its fair share "
+        "(tokens * top_k / num_experts). Tokens over capacity skip the expert (residual only).",
     )
     router_temperature: float = Field(1.0, gt=0, description="Softmax temperature of the router.")
     aux_loss_weight: float = Field(0.01, ge=0, description="Weight of the load-balancing loss.")
@@ -78,7 +85,9 @@ class ModelConfig(Section):
         None, ge=1, description="Key/value heads for grouped-query attention (default: num_heads)."
     )
     intermediate_size: int | None = Field(
-        None, ge=1, description="SwiGLU hidden width (default: 8/3 * hidden_size, rounded up to 64)."
+        None,
+        ge=1,
+        description="SwiGLU hidden width (default: 8/3 * hidden_size, rounded up to 64).",
     )
     max_seq_len: int = Field(256, ge=1, description="Longest sequence (RoPE table and KV cache).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and MLP outputs.")
@@ -101,7 +110,8 @@ class ModelConfig(Section):
     def _heads_fit(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+                f"hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_heads ({self.num_heads})"
             )
         if self.num_heads % self.kv_heads:
             raise ValueError(
@@ -109,6 +119,11 @@ class ModelConfig(Section):
             )
         if (self.hidden_size // self.num_heads) % 2:
             raise ValueError("the head size (hidden_size / num_heads) must be even for RoPE")
+        if self.moe is not None and self.moe.every_n_layers > self.num_layers:
+            raise ValueError(
+                f"moe.every_n_layers ({self.moe.every_n_layers}) exceeds num_layers "
+                f"({self.num_layers}): no block would hold an MoE layer"
+            )
         return self
 
     @property
