@@ -1,0 +1,57 @@
+"""Distributed training: the process group, strategies (single, DDP, FSDP2) and their state.
+
+>>> env = setup_distributed()                                   # doctest: +SKIP
+>>> strategy = build_strategy(cfg.training.distributed, env=env)  # doctest: +SKIP
+>>> model = strategy.apply(model)                               # doctest: +SKIP
+
+Everything here is torch.distributed itself (c10d, DDP, FSDP2 ``fully_shard``, DCP and its
+state-dict API); APT adds the configuration, the checks and the error messages.
+"""
+
+from apt.trainops.distributed.collectives import (
+    all_reduce_mean,
+    barrier,
+    distributed_errors,
+    is_main_process,
+    rank_zero_only,
+)
+from apt.trainops.distributed.ddp import DDPWrapper
+from apt.trainops.distributed.env import (
+    DistEnv,
+    check_world_size,
+    read_launcher_env,
+    setup_distributed,
+    teardown_distributed,
+)
+from apt.trainops.distributed.safe_dcp import SafeFileSystemReader
+from apt.trainops.distributed.strategies import (
+    STRATEGIES,
+    DDPStrategy,
+    FSDPStrategy,
+    SingleStrategy,
+    Strategy,
+    build_strategy,
+    unwrap_model,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "DDPStrategy",
+    "DDPWrapper",
+    "DistEnv",
+    "FSDPStrategy",
+    "SafeFileSystemReader",
+    "SingleStrategy",
+    "Strategy",
+    "all_reduce_mean",
+    "barrier",
+    "build_strategy",
+    "check_world_size",
+    "distributed_errors",
+    "is_main_process",
+    "rank_zero_only",
+    "read_launcher_env",
+    "setup_distributed",
+    "teardown_distributed",
+    "unwrap_model",
+]

@@ -1,0 +1,176 @@
+"""Small collectives for the training loop: barrier, mean of metrics, rank-0-only work.
+
+Each one is a no-op in a single process, so the loop calls them without asking whether it runs
+distributed. :func:`distributed_errors` turns the c10d errors a dead or hung peer causes into a
+:class:`~apt.core.errors.DistributedError` that says what happened and what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar, overload
+
+import torch
+import torch.distributed as dist
+
+from apt.core.errors import DistributedError
+
+__all__ = [
+    "all_reduce_mean",
+    "barrier",
+    "distributed_errors",
+    "is_main_process",
+    "rank_zero_only",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _comm_device() -> torch.device:
+    """Where tensors must live for the running backend's collectives."""
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a process that is not distributed."""
+    return _rank() == 0
+
+
+def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
+    """Decorator: run ``fn`` on rank 0 only; other ranks get None without calling it."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
+        return fn(*args, **kwargs) if is_main_process() else None
+
+    return wrapper
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
+    if _active():
+        with distributed_errors("barrier"):
+            if "nccl" in str(dist.get_backend()):
+                dist.barrier(device_ids=[torch.cuda.current_device()])
+            else:
+                dist.barrier()
+
+
+@overload
+def all_reduce_mean(x: float) -> float: ...
+@overload
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor: ...
+@overload
+def all_reduce_mean(x: dict[str, float]) -> dict[str, float]: ...
+
+
+def all_reduce_mean(
+    x: float | torch.Tensor | dict[str, float],
+) -> float | torch.Tensor | dict[str, float]:
+    """Mean of ``x`` over all ranks, of the same type as ``x``; ``x`` itself in one process.
+
+    A dict must have the same keys on every rank (checked; the values are reduced in one
+    collective, in float64). A tensor comes back on its own device, in its own floating dtype
+    (integer tensors come back as float32).
+
+    Raises:
+        DistributedError: the dict keys differ between ranks, or a peer failed.
+    """
+    if not _active():
+        return x.clone() if isinstance(x, torch.Tensor) else (dict(x) if isinstance(x, dict) else x)
+    world = dist.get_world_size()
+    device = _comm_device()
+    if isinstance(x, torch.Tensor):
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        buf = x.detach().to(device=device, dtype=dtype, copy=True)
+        with distributed_errors("all_reduce_mean"):
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        return (buf / world).to(x.device)
+    if isinstance(x, dict):
+        keys = sorted(x)
+        _check_same_keys(keys, device)
+        values = torch.tensor([float(x[k]) for k in keys], dtype=torch.float64, device=device)
+        with distributed_errors("all_reduce_mean"):
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return dict(zip(keys, (values / world).tolist(), strict=True))
+    value = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    with distributed_errors("all_reduce_mean"):
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return float(value.item() / world)
+
+
+def _check_same_keys(keys: list[str], device: torch.device) -> None:
+    """Every rank holds the same keys iff every rank's crc is both the max and the min."""
+    crc = zlib.crc32("\0".join(keys).encode())
+    probe = torch.tensor([crc, -crc], dtype=torch.int64, device=device)
+    with distributed_errors("all_reduce_mean"):
+        dist.all_reduce(probe, op=dist.ReduceOp.MAX)
+    if probe.tolist() != [crc, -crc]:
+        raise DistributedError(
+            f"rank {_rank()}: all_reduce_mean got different metric names on different ranks "
+            f"(this rank: {', '.join(keys)}). Log the same metrics on every rank."
+        )
+
+
+# Words c10d backends use when a peer is gone or silent; a RuntimeError carrying one of them
+# comes from a collective, not from the user's model.
+_PEER_FAILURE_MARKERS = (
+    "connection closed by peer",
+    "connection reset",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "gloo",
+    "nccl",
+    "socket",
+    "watchdog",
+)
+
+
+@contextmanager
+def distributed_errors(what: str = "a collective") -> Iterator[None]:
+    """Turn c10d failures inside the block into a :class:`DistributedError`.
+
+    A rank whose peer died sees a closed connection (gloo) or a timeout; either way the run
+    cannot go on. The new error names this rank, the operation and the fix. Wrap the training
+    loop (or any block that runs collectives) with it.
+
+    Args:
+        what: the operation, for the message (``"training step 12"``).
+
+    Raises:
+        DistributedError: from the original c10d error.
+    """
+    try:
+        yield
+    except DistributedError:
+        raise
+    except (dist.DistError, RuntimeError) as exc:
+        text = str(exc)
+        if not isinstance(exc, dist.DistError) and not any(
+            marker in text.lower() for marker in _PEER_FAILURE_MARKERS
+        ):
+            raise
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise DistributedError(
+            f"rank {_rank()} of {world}: {what} failed because a peer rank stopped answering "
+            f"({type(exc).__name__}: {first_line[:300]}). Another rank most likely crashed or was "
+            "killed: its own error, and torchrun's summary of failed ranks, say why. Fix that "
+            "rank's error and resume from the last checkpoint; if the ranks are only slow (a "
+            "long save, a slow filesystem), raise training.distributed.timeout_seconds."
+        ) from exc

@@ -1,0 +1,167 @@
+"""The ``Strategy`` contract, its registry and :func:`build_strategy`.
+
+A strategy is everything that differs between running on one process, replicated (DDP) and
+sharded (FSDP2): how the model is wrapped, how gradient sync is skipped during accumulation, how
+the gradient norm is measured, how state is gathered and saved, and what the sampler needs.
+The training loop talks to this interface only, so it holds no ``if fsdp:`` branch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from apt.core.config.training import DistributedConfig
+from apt.core.errors import DistributedError
+from apt.core.registry import Registry
+from apt.trainops.distributed.env import DistEnv, check_world_size
+from apt.trainops.distributed.state_io import (
+    StateDict,
+    gather_full_state,
+    load_dcp,
+    load_full_state,
+    save_dcp,
+)
+
+__all__ = ["STRATEGIES", "Strategy", "build_strategy", "unwrap_model"]
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP and ``torch.compile`` wrappers (in any nesting order).
+
+    FSDP2 does not wrap: ``fully_shard`` changes the module's class in place, so a sharded
+    model is already the user's module.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+class Strategy:
+    """How a model is spread over the processes of a run.
+
+    Args:
+        cfg: the ``training.distributed`` section.
+        env: this process's :class:`DistEnv` (from :func:`setup_distributed`).
+        precision: ``training.precision``, the compute dtype FSDP gathers parameters in when
+            ``fsdp.param_dtype`` is not set.
+
+    Attributes:
+        name: the registry name (``single``, ``ddp``, ``fsdp``).
+        sharded: parameters are DTensor shards (FSDP inside a process group), so a full state
+            needs a gather and the checkpoint should be written with :meth:`save_sharded`.
+    """
+
+    name: ClassVar[str] = ""
+    sharded: bool = False
+
+    def __init__(self, cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise DistributedError(f"unknown precision {precision!r}; use one of {PRECISIONS}.")
+        self.cfg = cfg
+        self.env = env
+        self.precision = precision
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to this rank's device and wrap/shard it; use the result for training."""
+        return model.to(self.env.device)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The user's module (no DDP, no ``torch.compile`` wrapper)."""
+        return unwrap_model(model)
+
+    @contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        """Skip gradient sync inside the block (all micro-batches of a step but the last)."""
+        yield
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+        """Scale gradients so their global 2-norm is at most ``max_norm``; return the norm.
+
+        The norm is over the whole model even when gradients are sharded (DTensor): each rank's
+        partial norm is reduced across ranks before clipping. ``max_norm=inf`` only measures.
+        """
+        params = [p for p in model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        grads = [p.grad for p in params]
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # type: ignore[arg-type]
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return float(total)
+
+    def full_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[StateDict, StateDict]:
+        """Full CPU model and optimizer states on rank 0 (``{}`` elsewhere). Collective."""
+        return gather_full_state(model, optimizer)
+
+    def load_full_state_dict(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        model_sd: StateDict,
+        optim_sd: StateDict,
+    ) -> None:
+        """Load full states (on every rank, or on rank 0 only: then broadcast). Collective."""
+        load_full_state(model, optimizer, model_sd, optim_sd)
+
+    def save_sharded(
+        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> list[Path]:
+        """Write ``path/model`` and ``path/optim`` with DCP; return every file written."""
+        return save_dcp(path, model, optimizer)
+
+    def load_sharded(
+        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> None:
+        """Load what :meth:`save_sharded` wrote, whatever strategy and world size wrote it."""
+        load_dcp(path, model, optimizer)
+
+    def sampler_rank_world(self) -> tuple[int, int]:
+        """(this rank's data shard, number of data shards) for the sampler."""
+        return self.env.rank, self.env.world_size
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(rank={self.env.rank}, world_size={self.env.world_size}, "
+            f"device={self.env.device})"
+        )
+
+
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+
+
+def build_strategy(cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp32") -> Strategy:
+    """The strategy ``cfg.strategy`` names, checked against how the run was launched.
+
+    Raises:
+        ConfigError: the strategy name is not registered (lists the valid names).
+        DistributedError: ``cfg.world_size`` differs from the launcher's, or ``single`` was
+            launched on several processes.
+    """
+    cls = STRATEGIES.get(cfg.strategy)
+    check_world_size(cfg.world_size, env.world_size, rank=env.rank)
+    if cfg.strategy == "single" and env.world_size > 1:
+        raise DistributedError(
+            f"rank {env.rank}: training.distributed.strategy is 'single' but the launcher "
+            f"started {env.world_size} processes, which would train {env.world_size} unrelated "
+            "copies. Set training.distributed.strategy=ddp (or fsdp), or launch one process."
+        )
+    return cls(cfg, env=env, precision=precision)

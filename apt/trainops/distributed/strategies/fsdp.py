@@ -1,0 +1,134 @@
+"""``fsdp``: parameters, gradients and optimizer state sharded over ranks (FSDP2 ``fully_shard``).
+
+Each transformer block is one FSDP unit (its parameters are gathered just before it runs and
+freed after), then the root takes what is left (embeddings, final norm, head).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+
+from apt.core.config.training import DistributedConfig
+from apt.core.errors import DistributedError
+from apt.trainops.distributed.env import DistEnv
+from apt.trainops.distributed.strategies.base import STRATEGIES, Strategy, unwrap_model
+
+__all__ = ["FSDPStrategy", "transformer_blocks"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_BLOCK_NAMES = ("blocks", "layers")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one.
+
+    The model's ``blocks`` or ``layers`` ModuleList if it has one, else the entries of every
+    ModuleList that is a direct child, else any ModuleList named ``blocks``/``layers`` deeper
+    down (a model that keeps its blocks in ``model.decoder.layers``).
+    """
+    for name in _BLOCK_NAMES:
+        found = getattr(model, name, None)
+        if isinstance(found, nn.ModuleList):
+            return list(found)
+    direct = [m for child in model.children() if isinstance(child, nn.ModuleList) for m in child]
+    if direct:
+        return direct
+    return [
+        m
+        for name, sub in model.named_modules()
+        if isinstance(sub, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_NAMES
+        for m in sub
+    ]
+
+
+@STRATEGIES.register("fsdp")
+class FSDPStrategy(Strategy):
+    """FSDP2 with ``training.distributed.fsdp`` options.
+
+    ``param_dtype`` (default: ``training.precision``) is the dtype parameters are gathered and
+    computed in; ``reduce_dtype`` the dtype gradients are reduce-scattered in. The sharded master
+    weights and the optimizer state stay in fp32.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp32") -> None:
+        super().__init__(cfg, env=env, precision=precision)
+        self.sharded = dist.is_available() and dist.is_initialized()
+        if cfg.fsdp.cpu_offload and env.device.type != "cuda":
+            raise DistributedError(
+                f"rank {env.rank}: training.distributed.fsdp.cpu_offload needs CUDA devices "
+                f"(this rank computes on {env.device}, where parameters already live in CPU "
+                "memory). Set fsdp.cpu_offload=false."
+            )
+
+    def _mp_policy(self) -> MixedPrecisionPolicy:
+        opts = self.cfg.fsdp
+        param = _DTYPES[opts.param_dtype or self.precision]
+        return MixedPrecisionPolicy(
+            param_dtype=None if param == torch.float32 else param,
+            reduce_dtype=_DTYPES[opts.reduce_dtype],
+        )
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        if not self.sharded:
+            log.warning("strategy fsdp in a single process without a process group: not sharded")
+            return model.to(self.env.device)
+        opts = self.cfg.fsdp
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        mp_policy = self._mp_policy()
+        offload = CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy()
+        blocks = transformer_blocks(model)
+        if not blocks:
+            log.warning(
+                "fsdp: %s has no blocks/layers ModuleList; sharding it as one unit",
+                type(model).__name__,
+            )
+        # Parameters are moved to the device shard by shard, so the full model never has to
+        # fit on one GPU.
+        for block in blocks:
+            fully_shard(
+                block,
+                mesh=mesh,
+                reshard_after_forward=opts.reshard_after_forward,
+                mp_policy=mp_policy,
+                offload_policy=offload,
+            )
+        # The root's parameters (embedding, head) are needed again right at the start of
+        # backward, so the root keeps them gathered (what torchtitan does too).
+        fully_shard(
+            model,
+            mesh=mesh,
+            reshard_after_forward=False,
+            mp_policy=mp_policy,
+            offload_policy=offload,
+        )
+        return model
+
+    @contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        root = unwrap_model(model)
+        if not isinstance(root, FSDPModule):
+            yield
+            return
+        root.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            root.set_requires_gradient_sync(True)
