@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import re
 import os
+import re
 import typing
 from importlib import resources
 from pathlib import Path
@@ -86,8 +86,10 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
         old = out.get(key)
-        if isinstance(old, dict) and isinstance(value, dict) and not any(
-            tag in value and old.get(tag) != value[tag] for tag in _DISCRIMINATORS
+        if (
+            isinstance(old, dict)
+            and isinstance(value, dict)
+            and not any(tag in value and old.get(tag) != value[tag] for tag in _DISCRIMINATORS)
         ):
             out[key] = _merge(old, value)
         else:
@@ -115,7 +117,9 @@ def _canonicalize(data: Any, parts: list[str], root: dict[str, Any], where: str)
         name = _canonical_key(model, str(key)) if model is not None else key
         if name in out:
             dotted = ".".join([*parts, name])
-            raise ConfigError(f"{where}: {dotted} is given twice (as {name!r} and an alias); keep one")
+            raise ConfigError(
+                f"{where}: {dotted} is given twice (as {name!r} and an alias); keep one"
+            )
         out[name] = _canonicalize(value, [*parts, name], root, where)
     return out
 
@@ -201,7 +205,7 @@ def _allows_none(annotation: Any) -> bool:
 
 def apply_overrides(
     data: dict[str, Any], overrides: list[str], provenance: dict[str, str]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Apply ``key.path=value`` strings to ``data`` (a copy is returned)."""
     out = copy.deepcopy(data)
     for item in overrides:
@@ -223,7 +227,7 @@ def apply_overrides(
         node[parts[-1]] = _parse_value(field_annotation(APTConfig, parts, out), text.strip())
         provenance = {k: v for k, v in provenance.items() if not k.startswith(key + ".")}
         provenance[key] = f"--set {item}"
-    return out, provenance  # type: ignore[return-value]
+    return out, provenance
 
 
 def _user_path(loc: tuple[Any, ...], data: dict[str, Any]) -> list[str]:
@@ -231,13 +235,16 @@ def _user_path(loc: tuple[Any, ...], data: dict[str, Any]) -> list[str]:
     parts: list[str] = []
     node: Any = data
     for elem in loc:
-        if isinstance(node, dict) and elem in node:
+        if (isinstance(node, dict) and elem in node) or (
+            isinstance(node, list) and isinstance(elem, int) and elem < len(node)
+        ):
             parts.append(str(elem))
             node = node[elem]
-        elif isinstance(node, list) and isinstance(elem, int) and elem < len(node):
-            parts.append(str(elem))
-            node = node[elem]
-        elif isinstance(elem, str) and isinstance(node, dict) and node.get("kind", node.get("type")) == elem:
+        elif (
+            isinstance(elem, str)
+            and isinstance(node, dict)
+            and node.get("kind", node.get("type")) == elem
+        ):
             continue  # union tag
         elif elem in ENTRY_TAGS:
             continue
@@ -254,11 +261,17 @@ def _describe(error: Any, data: dict[str, Any], provenance: dict[str, str]) -> s
         # Cross-section checks (schedules vs model) name their key at the start of the message.
         parts, message = named[1].split("."), named[2]
     dotted = ".".join(parts) or "(top level)"
-    where = provenance.get(dotted) or next(
-        (v for k, v in provenance.items() if k.startswith(dotted + ".")), None
-    ) or next(
-        (provenance[".".join(parts[:i])] for i in range(len(parts) - 1, 0, -1)
-         if ".".join(parts[:i]) in provenance), None
+    where = (
+        provenance.get(dotted)
+        or next((v for k, v in provenance.items() if k.startswith(dotted + ".")), None)
+        or next(
+            (
+                provenance[".".join(parts[:i])]
+                for i in range(len(parts) - 1, 0, -1)
+                if ".".join(parts[:i]) in provenance
+            ),
+            None,
+        )
     )
     location = f" [{where}]" if where else ""
     if error["type"] == "extra_forbidden":
@@ -316,5 +329,3 @@ def load_profile(
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> APTConfig:
     """Validate a plain mapping (as read from a profile) with the same errors as load_profile."""
     return validate(copy.deepcopy(data), {k: source for k in _leaf_paths(data)}, source)
-
-

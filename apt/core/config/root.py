@@ -20,6 +20,14 @@ from apt.core.config.training import TrainingConfig
 __all__ = ["APTConfig"]
 
 
+_NO_MODULES = "none (add model.moe, model.align or model.voter)"
+
+
+def _valid_names(attrs: list[str]) -> list[str]:
+    """Dotted attribute names and the short aliases that point at them."""
+    return sorted(set(attrs) | {alias for alias, target in ALIASES.items() if target in attrs})
+
+
 class APTConfig(Section):
     """A complete run description, loaded from a YAML profile by :func:`load_profile`.
 
@@ -59,18 +67,19 @@ class APTConfig(Section):
                 if match["module"] not in modules:
                     raise ValueError(
                         f"schedules.{key}: the model has no module {match['module']!r}. "
-                        f"Switchable modules: {', '.join(modules) or 'none (add model.moe, model.align or model.voter)'}"
+                        f"Switchable modules: {', '.join(modules) or _NO_MODULES}"
                     )
                 continue
             if isinstance(value, int):
                 raise ValueError(
-                    f"schedules.{key}: an integer is only valid for enable_<module>_at_epoch|step keys"
+                    f"schedules.{key}: an integer is only valid for "
+                    "enable_<module>_at_epoch|step keys"
                 )
             target = ALIASES.get(key, key)
             if target not in attrs:
                 raise ValueError(
                     f"schedules.{key}: {target!r} is not a schedulable attribute of this model. "
-                    f"Valid: {', '.join(sorted(set(attrs) | {a for a, t in ALIASES.items() if t in attrs})) or 'none'}"
+                    f"Valid: {', '.join(_valid_names(attrs)) or 'none'}"
                 )
         return self
 

@@ -34,9 +34,8 @@ def _pick_member(members: list[Any], raw: Any) -> type[BaseModel] | None:
         for model in models:
             for tag in ("kind", "type"):
                 field = model.model_fields.get(tag)
-                if field is not None and raw.get(tag, field.default) == field.default:
-                    if tag in raw:
-                        return model
+                if field is not None and tag in raw and raw[tag] == field.default:
+                    return model
     # Without a tag the union's default member is the first one listed.
     return models[0]
 

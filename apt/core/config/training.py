@@ -106,8 +106,13 @@ class WSDSchedule(_SchedulerBase):
 
 
 SchedulerConfig = Annotated[
-    ConstantSchedule | LinearSchedule | CosineSchedule | StepSchedule | ExponentialSchedule
-    | PlateauSchedule | WSDSchedule,
+    ConstantSchedule
+    | LinearSchedule
+    | CosineSchedule
+    | StepSchedule
+    | ExponentialSchedule
+    | PlateauSchedule
+    | WSDSchedule,
     Field(discriminator="type"),
 ]
 
@@ -118,7 +123,9 @@ class DDPOptions(Section):
     bucket_cap_mb: int = Field(25, ge=1, description="Gradient bucket size.")
     static_graph: bool = Field(False, description="Promise the graph never changes.")
     find_unused_parameters: bool | None = Field(
-        None, description="Detect parameters without gradients (None: on for MoE models)."
+        None,
+        description="Detect parameters without gradients (None: on for models with an "
+        "'moe' module, whose idle experts get none).",
     )
 
 
@@ -130,7 +137,11 @@ class FSDPOptions(Section):
         None, description="Compute dtype of gathered parameters (None: training.precision)."
     )
     reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Gradient reduce dtype.")
-    cpu_offload: bool = Field(False, description="Keep sharded parameters on the CPU.")
+    cpu_offload: bool = Field(
+        False,
+        description="Keep sharded parameters, gradients and optimizer state in CPU memory "
+        "(CUDA runs only).",
+    )
 
 
 class DistributedConfig(Section):
@@ -146,8 +157,12 @@ class DistributedConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="c10d backend; auto: nccl on CUDA, gloo on CPU."
     )
-    timeout_seconds: int = Field(600, ge=1, description="Collective timeout (a dead peer ends "
-                                 "the run after this long instead of hanging).")
+    timeout_seconds: int = Field(
+        600,
+        ge=1,
+        description="Collective timeout (a dead peer ends "
+        "the run after this long instead of hanging).",
+    )
     ddp: DDPOptions = Field(default_factory=DDPOptions, description="DDP options.")
     fsdp: FSDPOptions = Field(default_factory=FSDPOptions, description="FSDP options.")
 

@@ -44,7 +44,11 @@ def test_seed_example_profile_validates_and_means_what_it_says(tmp_path: Path) -
     t = cfg.training
     assert (t.batch_size, t.learning_rate, t.max_steps) == (32, 3e-5, 10000)
     assert isinstance(t.learning_rate, float)
-    assert (t.distributed.enabled, t.distributed.strategy, t.distributed.world_size) == (True, "fsdp", 8)
+    assert (t.distributed.enabled, t.distributed.strategy, t.distributed.world_size) == (
+        True,
+        "fsdp",
+        8,
+    )
     assert (t.checkpoints.save_interval, t.checkpoints.keep_last_n) == (500, 5)
 
 
@@ -59,7 +63,9 @@ def test_profiles_resolve_from_package_in_any_folder(in_tmp: Path) -> None:
     assert load_profile("standard").model.hidden_size == 768
 
 
-def test_search_order_local_then_env_then_package(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_search_order_local_then_env_then_package(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     extra = in_tmp / "extra"
     write(extra / "standard.yaml", "training: {max_steps: 7}\n")
     monkeypatch.setenv("APT_PROFILE_PATH", str(extra))
@@ -109,7 +115,10 @@ def test_missing_profile_lists_close_names(in_tmp: Path) -> None:
 
 
 def test_extends_deep_merges_and_tracks_provenance(tmp_path: Path) -> None:
-    write(tmp_path / "base.yaml", "training:\n  max_steps: 10\n  batch_size: 4\nmodel: {hidden_size: 64}\n")
+    write(
+        tmp_path / "base.yaml",
+        "training:\n  max_steps: 10\n  batch_size: 4\nmodel: {hidden_size: 64}\n",
+    )
     child = write(tmp_path / "child.yaml", "extends: base\ntraining:\n  batch_size: 2\n")
     cfg = load_profile(child, overrides=["model.num_layers=3"])
     assert (cfg.training.max_steps, cfg.training.batch_size, cfg.model.hidden_size) == (10, 2, 64)
@@ -126,17 +135,28 @@ def test_extends_cycle_is_detected(tmp_path: Path) -> None:
 
 
 def test_changing_a_union_kind_replaces_the_parent_mapping(tmp_path: Path) -> None:
-    write(tmp_path / "p.yaml", "training:\n  max_steps: 5\n  scheduler: {type: cosine, min_lr_ratio: 0.2}\n")
-    child = write(tmp_path / "c.yaml", "extends: p\ntraining:\n  scheduler: {type: step, step_size: 2}\n")
+    write(
+        tmp_path / "p.yaml",
+        "training:\n  max_steps: 5\n  scheduler: {type: cosine, min_lr_ratio: 0.2}\n",
+    )
+    child = write(
+        tmp_path / "c.yaml", "extends: p\ntraining:\n  scheduler: {type: step, step_size: 2}\n"
+    )
     sched = load_profile(child).training.scheduler
     assert sched.type == "step" and sched.step_size == 2
 
 
 def test_overrides_are_parsed_by_field_type(in_tmp: Path) -> None:
-    cfg = load_profile("quickstart", overrides=[
-        "training.lr=3e-4", "training.compile=true", "artifacts.experiment_name=007",
-        "training.max_grad_norm=null", "training.optimizer.betas=[0.8, 0.9]",
-    ])
+    cfg = load_profile(
+        "quickstart",
+        overrides=[
+            "training.lr=3e-4",
+            "training.compile=true",
+            "artifacts.experiment_name=007",
+            "training.max_grad_norm=null",
+            "training.optimizer.betas=[0.8, 0.9]",
+        ],
+    )
     assert cfg.training.learning_rate == 3e-4
     assert cfg.training.compile is True
     assert cfg.artifacts.experiment_name == "007"
@@ -144,13 +164,16 @@ def test_overrides_are_parsed_by_field_type(in_tmp: Path) -> None:
     assert cfg.training.optimizer.betas == (0.8, 0.9)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("training.max_steps", "must look like section.key=value"),
-    ("trainin.max_steps=3", "Did you mean 'training'"),
-    ("training.precision=fp8", "'fp32', 'bf16' or 'fp16'"),
-    ("training.optimizer.kind=lion", "'adamw', 'adam', 'sgd'"),
-    ("training.distributed.enabled=false", "enabled is false but strategy"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("training.max_steps", "must look like section.key=value"),
+        ("trainin.max_steps=3", "Did you mean 'training'"),
+        ("training.precision=fp8", "'fp32', 'bf16' or 'fp16'"),
+        ("training.optimizer.kind=lion", "'adamw', 'adam', 'sgd'"),
+        ("training.distributed.enabled=false", "enabled is false but strategy"),
+    ],
+)
 def test_bad_overrides(in_tmp: Path, override: str, expected: str) -> None:
     overrides = [override]
     if "enabled=false" in override:
@@ -161,18 +184,27 @@ def test_bad_overrides(in_tmp: Path, override: str, expected: str) -> None:
 def test_schedules_are_checked_against_the_model(in_tmp: Path) -> None:
     message = error_of("quickstart", overrides=["schedules.enable_moe_at_epoch=2"])
     assert "schedules.enable_moe_at_epoch" in message and "no module 'moe'" in message
-    message = error_of("quickstart", overrides=["model.moe={}", "schedules.route_tmp={start: 1, end: 2}"])
+    message = error_of(
+        "quickstart", overrides=["model.moe={}", "schedules.route_tmp={start: 1, end: 2}"]
+    )
     assert "route_tmp" in message and "route_temp" in message and "router.temperature" in message
 
 
 def test_config_is_frozen_and_fingerprinted(in_tmp: Path) -> None:
     a, b = load_profile("quickstart"), load_profile("quickstart")
     assert a.fingerprint() == b.fingerprint()
-    assert a.fingerprint() != load_profile("quickstart", overrides=["training.seed=1"]).fingerprint()
+    assert (
+        a.fingerprint() != load_profile("quickstart", overrides=["training.seed=1"]).fingerprint()
+    )
     with pytest.raises(Exception, match="frozen"):
         a.training.max_steps = 3  # type: ignore[misc]
 
 
 def test_from_yaml_and_presets(tmp_path: Path) -> None:
-    cfg = APTConfig.from_yaml(write(tmp_path / "p.yaml", "model: {preset: small, num_layers: 2}\ntraining: {num_epochs: 1}\n"))
+    cfg = APTConfig.from_yaml(
+        write(
+            tmp_path / "p.yaml",
+            "model: {preset: small, num_layers: 2}\ntraining: {num_epochs: 1}\n",
+        )
+    )
     assert (cfg.model.hidden_size, cfg.model.num_layers) == (768, 2)

@@ -1,0 +1,27 @@
+"""Callbacks: the base class, the dispatcher, built-ins and the YAML registry."""
+
+from apt.trainops.engine.callbacks.base import Callback, CallbackManager
+from apt.trainops.engine.callbacks.builtin import (
+    EarlyStopping,
+    GradientNormMonitor,
+    LRMonitor,
+    MetricsLogger,
+    ProgressBar,
+)
+from apt.trainops.engine.callbacks.registry import CALLBACKS, build_callback, build_callbacks
+from apt.trainops.engine.callbacks.schedule import EntropyBasedVotingCallback, ScheduleCallback
+
+__all__ = [
+    "CALLBACKS",
+    "Callback",
+    "CallbackManager",
+    "EarlyStopping",
+    "EntropyBasedVotingCallback",
+    "GradientNormMonitor",
+    "LRMonitor",
+    "MetricsLogger",
+    "ProgressBar",
+    "ScheduleCallback",
+    "build_callback",
+    "build_callbacks",
+]

@@ -1,0 +1,212 @@
+"""Built-in callbacks: progress bar, metric logging, LR and gradient-norm monitors, early stop."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from apt.trainops.engine.callbacks.base import Callback
+from apt.trainops.engine.state import Control, RunState
+
+__all__ = [
+    "EarlyStopping",
+    "GradientNormMonitor",
+    "LRMonitor",
+    "MetricsLogger",
+    "ProgressBar",
+]
+
+log = logging.getLogger("apt")
+
+#: Receives ``(metrics, step)``; the Trainer passes its metric writers (jsonl, TensorBoard, ...).
+MetricSink = Callable[[dict[str, float], int], None]
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over optimizer steps showing loss, lr and tokens/s (rank 0 only)."""
+
+    def __init__(self, refresh_every: int = 1) -> None:
+        self.refresh_every = refresh_every
+        self._bar: Any = None
+        self._t0 = 0.0
+        self._tokens0 = 0
+
+    def on_train_start(self, state: RunState, control: Control) -> None:
+        if not state.is_main:
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(
+            total=state.max_steps,
+            initial=state.global_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            leave=True,
+        )
+        self._t0, self._tokens0 = time.perf_counter(), state.tokens_seen
+
+    def on_step_end(self, state: RunState, control: Control) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(state.global_step - self._bar.n)
+        if state.global_step % self.refresh_every == 0:
+            elapsed = max(time.perf_counter() - self._t0, 1e-9)
+            tok_s = (state.tokens_seen - self._tokens0) / elapsed
+            self._bar.set_postfix(
+                loss=f"{state.last_loss:.4f}",
+                lr=f"{state.lr:.2e}",
+                tok_s=f"{tok_s:,.0f}",
+                refresh=False,
+            )
+
+    def on_train_end(self, state: RunState, control: Control) -> None:
+        self._close()
+
+    def on_exception(self, state: RunState, control: Control) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class MetricsLogger(Callback):
+    """Sends training metrics every ``log_interval`` steps, and every evaluation, to the sink."""
+
+    def __init__(self, log_interval: int = 10, *, sink: MetricSink | None = None) -> None:
+        self.log_interval = log_interval
+        self.sink = sink
+        self._t0 = 0.0
+        self._tokens0 = 0
+
+    def on_train_start(self, state: RunState, control: Control) -> None:
+        self._t0, self._tokens0 = time.perf_counter(), state.tokens_seen
+
+    def on_step_end(self, state: RunState, control: Control) -> None:
+        if state.global_step % self.log_interval or not state.is_main:
+            return
+        now = time.perf_counter()
+        tok_s = (state.tokens_seen - self._tokens0) / max(now - self._t0, 1e-9)
+        self._t0, self._tokens0 = now, state.tokens_seen
+        metrics = {
+            "train_loss": state.last_loss,
+            "lr": state.lr,
+            "grad_norm": state.grad_norm,
+            "tokens_seen": float(state.tokens_seen),
+            "tokens_per_second": tok_s,
+            "epoch": float(state.epoch),
+        }
+        self._emit(metrics, state.global_step)
+
+    def on_eval_end(self, state: RunState, control: Control) -> None:
+        if not state.is_main:
+            return
+        evals = {
+            k: v
+            for k, v in state.metrics.items()
+            if k.startswith("val_") and not k.endswith(("_initial", "_final"))
+        }
+        self._emit(evals, state.global_step)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(evals.items()))
+        log.info("step %d: %s", state.global_step, shown)
+
+    def _emit(self, metrics: dict[str, float], step: int) -> None:
+        if self.sink is not None:
+            self.sink(metrics, step)
+
+
+class LRMonitor(Callback):
+    """Records the learning rate of every parameter group at every step (``lr/group_<i>``)."""
+
+    def __init__(self, *, sink: MetricSink | None = None) -> None:
+        self.sink = sink
+        self.history: list[tuple[int, list[float]]] = []
+
+    def on_step_end(self, state: RunState, control: Control) -> None:
+        if state.optimizer is None:
+            return
+        lrs = [float(g["lr"]) for g in state.optimizer.param_groups]
+        self.history.append((state.global_step, lrs))
+        if self.sink is not None and state.is_main:
+            self.sink({f"lr/group_{i}": lr for i, lr in enumerate(lrs)}, state.global_step)
+
+
+class GradientNormMonitor(Callback):
+    """Logs the pre-clip gradient norm; warns on a non-finite norm, optionally stops."""
+
+    def __init__(self, stop_on_nonfinite: bool = False, *, sink: MetricSink | None = None) -> None:
+        self.stop_on_nonfinite = stop_on_nonfinite
+        self.sink = sink
+
+    def on_step_end(self, state: RunState, control: Control) -> None:
+        norm = state.grad_norm
+        if self.sink is not None and state.is_main:
+            self.sink({"grad_norm": norm}, state.global_step)
+        if not math.isfinite(norm):
+            log.warning("step %d: gradient norm is %s", state.global_step, norm)
+            if self.stop_on_nonfinite:
+                control.request_stop(f"non-finite gradient norm at step {state.global_step}")
+
+
+class EarlyStopping(Callback):
+    """Stops training when ``monitor`` has not improved by ``min_delta`` for ``patience`` evals.
+
+    Args:
+        monitor: metric name (``val_loss``, ``val_perplexity``, ...).
+        mode: ``min`` (lower is better) or ``max``.
+        patience: evaluations without improvement tolerated.
+        min_delta: smallest change that counts as an improvement.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        mode: Literal["min", "max"] = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.best: float | None = None
+        self.bad_evals = 0
+        self.stopped_at_step: int | None = None
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_eval_end(self, state: RunState, control: Control) -> None:
+        value = state.metrics.get(self.monitor)
+        if value is None:
+            return
+        if self._improved(value):
+            self.best, self.bad_evals = value, 0
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience:
+            self.stopped_at_step = state.global_step
+            control.request_stop(
+                f"early stopping: {self.monitor} has not improved for {self.bad_evals} "
+                f"evaluations (best {self.best:.4f})"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+            "stopped_at_step": self.stopped_at_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
+        self.bad_evals = state["bad_evals"]
+        self.stopped_at_step = state.get("stopped_at_step")

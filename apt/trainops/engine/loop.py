@@ -1,0 +1,269 @@
+"""The one training loop. Every trainer, task and strategy runs through :class:`TrainingLoop`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from apt.core.errors import DataError
+from apt.trainops.engine.callbacks.base import CallbackManager
+from apt.trainops.engine.events import Event
+from apt.trainops.engine.state import Control, RunState, TrainState
+from apt.trainops.engine.tasks.base import TrainingTask
+from apt.trainops.eval import Evaluator, to_device
+
+__all__ = ["LoopPlan", "TrainingLoop", "sum_over_ranks"]
+
+log = logging.getLogger("apt")
+
+
+def sum_over_ranks(value: Any, device: torch.device) -> Any:
+    """Sum a float or tensor over all ranks (a float comes back as a float)."""
+    tensor = (
+        value
+        if isinstance(value, torch.Tensor)
+        else torch.tensor(float(value), dtype=torch.float64, device=device)
+    )
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor if isinstance(value, torch.Tensor) else float(tensor)
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """How long and how often: derived once from the config and the data size."""
+
+    total_steps: int
+    steps_per_epoch: int
+    num_epochs: int | None
+    accumulation: int
+    batch_size: int
+    max_grad_norm: float | None
+    eval_interval: int | None
+    eval_at_start: bool
+    save_interval: int | None
+
+
+class TrainingLoop:
+    """Runs optimizer steps over the data, firing events and honouring ``Control`` requests.
+
+    The loop knows nothing of model types or parallelism: the task turns batches into losses,
+    the strategy supplies ``no_sync`` / ``clip_grad_norm_`` / cross-rank reductions, and the
+    ``save`` callable writes checkpoints.
+    """
+
+    def __init__(
+        self,
+        plan: LoopPlan,
+        *,
+        model: nn.Module,
+        task: TrainingTask,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        scaler: torch.amp.GradScaler,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+        train_loader: Any,
+        evaluator: Evaluator | None,
+        callbacks: CallbackManager,
+        strategy: Any,
+        device: torch.device,
+        state: TrainState,
+        save: Callable[[str], None],
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.plan = plan
+        self.model, self.task, self.optimizer = model, task, optimizer
+        self.lr_scheduler, self.scaler, self.autocast = lr_scheduler, scaler, autocast
+        self.train_loader, self.evaluator, self.callbacks = train_loader, evaluator, callbacks
+        self.strategy, self.device, self.state, self.save = strategy, device, state, save
+        self.world_size = world_size
+        self.criterion = task.build_criterion()
+        self.control = Control()
+        self.exit_requested = False
+        self.view = RunState(
+            state,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            rank=rank,
+            world_size=world_size,
+            max_steps=plan.total_steps,
+            steps_per_epoch=plan.steps_per_epoch,
+            num_epochs=plan.num_epochs,
+        )
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._last_eval_step: int | None = None
+
+    # ----------------------------------------------------------------------------- events
+    def fire(self, event: Event) -> None:
+        """Run the callbacks of ``event``."""
+        self.callbacks.fire(event, self.view, self.control)
+
+    # ----------------------------------------------------------------------------- run
+    def run(self) -> None:
+        """Train until the plan's end, a stop request or an exit request (SIGTERM)."""
+        self.fire(Event.TRAIN_START)
+        try:
+            if (
+                self.plan.eval_at_start
+                and self.state.global_step == 0
+                and self.state.batch_in_epoch == 0
+            ):
+                self.evaluate()
+                if "val_loss" in self.state.metrics:
+                    self.state.metrics["val_loss_initial"] = self.state.metrics["val_loss"]
+            while not self._done():
+                self._run_epoch()
+            if not self.exit_requested:
+                self._finish()
+        except BaseException:
+            self.fire(Event.EXCEPTION)
+            raise
+        self.fire(Event.TRAIN_END)
+
+    def _done(self) -> bool:
+        return self.state.finished or self.exit_requested
+
+    def _finish(self) -> None:
+        if self._last_eval_step != self.state.global_step:
+            self.evaluate()
+        if "val_loss" in self.state.metrics:
+            self.state.metrics["val_loss_final"] = self.state.metrics["val_loss"]
+        self.state.finished = True
+        self.save("final")
+
+    def _run_epoch(self) -> None:
+        state, plan = self.state, self.plan
+        if state.batch_in_epoch == 0:
+            self.fire(Event.EPOCH_START)
+        batches = self._epoch_batches()
+        usable = plan.steps_per_epoch * plan.accumulation
+        while state.batch_in_epoch + plan.accumulation <= usable and not self._done():
+            self._run_step(batches)
+            self._control_point(end_of_epoch=False)
+        if state.batch_in_epoch < usable:
+            return  # left mid-epoch (max_steps, stop or exit request): the epoch did not end
+        self.fire(Event.EPOCH_END)
+        state.epoch += 1
+        state.batch_in_epoch = 0
+        if plan.num_epochs is not None and state.epoch >= plan.num_epochs:
+            state.finished = True
+        self._control_point(end_of_epoch=True)
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """This epoch's micro-batches, starting at the saved cursor (exact mid-epoch resume)."""
+        sampler: Any = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.state.epoch)
+        skip = self.state.batch_in_epoch
+        if skip and hasattr(sampler, "set_start"):
+            sampler.set_start(skip * self.plan.batch_size)
+            skip = 0
+        iterator = iter(self.train_loader)
+        for _ in range(skip):  # loaders without a resumable sampler: replay the order
+            next(iterator)
+        return iterator
+
+    # ----------------------------------------------------------------------------- one step
+    def _run_step(self, batches: Iterator[Any]) -> None:
+        state, plan = self.state, self.plan
+        self.fire(Event.STEP_START)
+        micro = self._take(batches, plan.accumulation)
+        counts = [self.task.count_targets(b) for b in micro]
+        global_count = self._sum_over_ranks(float(sum(counts)))
+        if global_count <= 0:
+            raise DataError(f"step {state.global_step}: the batches hold no targets to train on")
+        # Weight each micro-batch by its share of the step's targets over all ranks; DDP then
+        # averages over ranks, so the update equals one large batch of every target.
+        scale = self.world_size / global_count
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        for i, batch in enumerate(micro):
+            self.fire(Event.BATCH_START)
+            batch = to_device(batch, self.device)
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last else self.strategy.no_sync(self.model):
+                with self.autocast():
+                    out = self.task.train_step(self.model, batch, self.criterion)
+                self.fire(Event.BEFORE_BACKWARD)
+                self.scaler.scale(out.loss * (counts[i] * scale)).backward()
+                self.fire(Event.AFTER_BACKWARD)
+            loss_sum += out.loss.detach().float() * counts[i]
+            state.batch_in_epoch += 1
+            state.micro_batch += 1
+            self.fire(Event.BATCH_END)
+        self._optimizer_step()
+        state.global_step += 1
+        state.tokens_seen += int(global_count)
+        state.last_loss = self._sum_over_ranks(loss_sum) / global_count
+        state.lr = float(self.optimizer.param_groups[0]["lr"])
+        self.fire(Event.STEP_END)
+
+    def _take(self, batches: Iterator[Any], n: int) -> list[Any]:
+        try:
+            return [next(batches) for _ in range(n)]
+        except StopIteration:
+            raise DataError(
+                f"the training loader ran out of batches at epoch {self.state.epoch}, micro-batch "
+                f"{self.state.batch_in_epoch}: its length changed during the epoch"
+            ) from None
+
+    def _optimizer_step(self) -> None:
+        self.scaler.unscale_(self.optimizer)
+        if self.plan.max_grad_norm is not None:
+            norm = self.strategy.clip_grad_norm_(self.model, self.plan.max_grad_norm)
+            self.state.grad_norm = norm
+        self.fire(Event.BEFORE_OPTIMIZER_STEP)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.fire(Event.AFTER_OPTIMIZER_STEP)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+
+    def _sum_over_ranks(self, value: Any) -> Any:
+        if self.world_size == 1:
+            return value
+        return sum_over_ranks(value, self.device)
+
+    # ----------------------------------------------------------------------------- control
+    def _control_point(self, *, end_of_epoch: bool) -> None:
+        state, plan, control = self.state, self.plan, self.control
+        step = state.global_step
+        if not end_of_epoch and step >= plan.total_steps:
+            state.finished = True
+        due_eval = (
+            plan.eval_interval is not None and step % plan.eval_interval == 0 and not end_of_epoch
+        ) or (plan.eval_interval is None and end_of_epoch)
+        if (due_eval or control.should_evaluate) and not state.finished:
+            control.should_evaluate = False
+            self.evaluate()
+        due_save = (
+            plan.save_interval is not None and step % plan.save_interval == 0 and not end_of_epoch
+        )
+        if (due_save or control.should_save or self.exit_requested) and not state.finished:
+            control.should_save = False
+            self.save("exit" if self.exit_requested else "interval")
+        if control.should_stop and not state.finished:
+            log.info("stopping at step %d: %s", step, control.stop_reason or "requested")
+            state.finished = True
+
+    def evaluate(self) -> dict[str, float]:
+        """Run validation now, firing eval events; returns the new metrics."""
+        if self.evaluator is None:
+            return {}
+        self.fire(Event.EVAL_START)
+        metrics = self.evaluator.evaluate()
+        self.state.metrics.update(metrics)
+        self._last_eval_step = self.state.global_step
+        report = getattr(self.lr_scheduler, "report", None)
+        if report is not None and "val_loss" in metrics:
+            report(metrics["val_loss"])
+        self.fire(Event.EVAL_END)
+        return metrics

@@ -1,0 +1,150 @@
+"""Run state: the loop's mutable counters, a read-only view for callbacks, and ``Control``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import nn
+    from torch.optim import Optimizer
+
+__all__ = ["Control", "RunState", "TrainState"]
+
+
+@dataclass
+class TrainState:
+    """What the loop counts. Saved in every checkpoint (JSON), so a resume continues exactly.
+
+    Attributes:
+        epoch: current epoch, from 0.
+        global_step: optimizer updates done.
+        batch_in_epoch: micro-batches consumed in the current epoch (the data cursor).
+        micro_batch: micro-batches consumed in the whole run.
+        tokens_seen: target tokens trained on, summed over ranks.
+        last_loss: mean loss of the latest optimizer step.
+        lr: learning rate of the first parameter group after the latest step.
+        grad_norm: gradient norm before clipping of the latest step.
+        metrics: the latest value of every metric (train_loss, val_loss, ...).
+        finished: training reached its end (max_steps / num_epochs / stop request).
+    """
+
+    epoch: int = 0
+    global_step: int = 0
+    batch_in_epoch: int = 0
+    micro_batch: int = 0
+    tokens_seen: int = 0
+    # The loss and norm may be 0-d tensors: read through float() only when someone looks, so
+    # the loop itself never waits for the device.
+    last_loss: Any = float("nan")
+    lr: float = 0.0
+    grad_norm: Any = float("nan")
+    metrics: dict[str, float] = field(default_factory=dict)
+    finished: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible copy."""
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "micro_batch": self.micro_batch,
+            "tokens_seen": self.tokens_seen,
+            "last_loss": float(self.last_loss),
+            "lr": self.lr,
+            "grad_norm": float(self.grad_norm),
+            "metrics": dict(self.metrics),
+            "finished": self.finished,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**data, "metrics": dict(data.get("metrics", {}))})
+
+
+class RunState:
+    """A read-only view of the run handed to every callback.
+
+    Fields cannot be reassigned (``state.global_step = 3`` raises ``AttributeError``); the
+    model, optimizer and LR scheduler are the live objects, so a callback can act on them.
+    """
+
+    __slots__ = ("_env", "_objects", "_train")
+    _train: TrainState
+    _objects: tuple[Any, Any, Any]
+    _env: tuple[int, int, int | None, int | None, int | None]
+
+    def __init__(
+        self,
+        train: TrainState,
+        *,
+        model: nn.Module,
+        optimizer: Optimizer | None,
+        lr_scheduler: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        max_steps: int | None = None,
+        steps_per_epoch: int | None = None,
+        num_epochs: int | None = None,
+    ) -> None:
+        object.__setattr__(self, "_train", train)
+        object.__setattr__(self, "_objects", (model, optimizer, lr_scheduler))
+        object.__setattr__(self, "_env", (rank, world_size, max_steps, steps_per_epoch, num_epochs))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"RunState is read-only: cannot set {name!r}; use Control to ask")
+
+    epoch = property(lambda self: self._train.epoch, doc="Current epoch, from 0.")
+    global_step = property(lambda self: self._train.global_step, doc="Optimizer updates done.")
+    batch_in_epoch = property(
+        lambda self: self._train.batch_in_epoch, doc="Micro-batches consumed in this epoch."
+    )
+    micro_batch = property(lambda self: self._train.micro_batch, doc="Micro-batches in the run.")
+    tokens_seen = property(lambda self: self._train.tokens_seen, doc="Target tokens trained on.")
+    last_loss = property(lambda self: float(self._train.last_loss), doc="Loss of the latest step.")
+    lr = property(lambda self: self._train.lr, doc="Learning rate after the latest step.")
+    grad_norm = property(
+        lambda self: float(self._train.grad_norm), doc="Latest pre-clip grad norm."
+    )
+    metrics = property(lambda self: dict(self._train.metrics), doc="Latest metric values (copy).")
+    model = property(lambda self: self._objects[0], doc="The model being trained.")
+    optimizer = property(lambda self: self._objects[1], doc="The optimizer.")
+    lr_scheduler = property(lambda self: self._objects[2], doc="The LR scheduler.")
+    rank = property(lambda self: self._env[0], doc="This process's rank.")
+    world_size = property(lambda self: self._env[1], doc="Number of processes.")
+    max_steps = property(lambda self: self._env[2], doc="Total optimizer steps planned.")
+    steps_per_epoch = property(lambda self: self._env[3], doc="Optimizer steps per epoch.")
+    num_epochs = property(lambda self: self._env[4], doc="Epochs planned (None: by steps).")
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, which logs and writes files."""
+        return self._env[0] == 0
+
+
+@dataclass
+class Control:
+    """Requests from callbacks to the loop; the loop decides when to honour them.
+
+    Requests are honoured at the next control point: after ``step_end`` (eval, save, stop)
+    and after ``epoch_end``. A request is cleared once honoured.
+    """
+
+    should_stop: bool = False
+    should_save: bool = False
+    should_evaluate: bool = False
+    stop_reason: str = ""
+
+    def request_stop(self, reason: str = "") -> None:
+        """Finish training at the next control point (a final save and eval still happen)."""
+        self.should_stop = True
+        self.stop_reason = reason or self.stop_reason
+
+    def request_save(self) -> None:
+        """Write a checkpoint at the next control point."""
+        self.should_save = True
+
+    def request_eval(self) -> None:
+        """Run validation at the next control point."""
+        self.should_evaluate = True

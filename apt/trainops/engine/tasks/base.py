@@ -1,0 +1,100 @@
+"""``TrainingTask``: what is trained and how one batch becomes a loss.
+
+The engine drives a task and never looks inside batches or models; adding a task needs no
+change to the engine (register it with :data:`TASKS` and pick it with ``training.task``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import Dataset
+
+from apt.core.config import DataConfig, ModelConfig, OptimizerConfig, SchedulerConfig
+from apt.core.registry import Registry
+from apt.trainops.engine.lr_schedules import build_lr_scheduler
+from apt.trainops.engine.optim import build_optimizer
+
+__all__ = ["TASKS", "StepOutput", "TrainingTask"]
+
+
+@dataclass
+class StepOutput:
+    """The result of one micro-batch.
+
+    Attributes:
+        loss: mean loss over the batch's targets, with autograd history when training.
+        stats: detached scalars worth logging (MoE overflow fraction, ...).
+        totals: sums over the batch's targets (correct predictions, entropy, ...); evaluation
+            adds them over batches and ranks and reports ``val_<name>`` = sum / targets.
+    """
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    totals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class TrainingTask:
+    """Base class of tasks. Subclasses implement ``build_model``, ``build_datasets``,
+    ``count_targets`` and ``train_step``; the rest has sensible defaults.
+
+    Loss normalisation contract: ``train_step`` returns the MEAN loss over the batch's
+    targets and ``count_targets`` says how many targets the batch holds; the engine weights
+    each micro-batch by its share of the step's targets (over all ranks), so k micro-batches of
+    b samples give exactly the gradient of one batch of k*b.
+    """
+
+    name: ClassVar[str] = ""
+    #: The loss is a cross-entropy in nats, so exp(loss) is a perplexity worth reporting.
+    loss_is_cross_entropy: ClassVar[bool] = True
+
+    def build_model(self, cfg: ModelConfig) -> nn.Module:
+        """The model to train when the user did not pass one."""
+        raise NotImplementedError
+
+    def build_datasets(
+        self, cfg: DataConfig, *, seed: int
+    ) -> tuple[Dataset[Any], Dataset[Any] | None]:
+        """(train, validation) datasets when the user did not pass data."""
+        raise NotImplementedError
+
+    def build_optimizer(
+        self, cfg: OptimizerConfig, *, model: nn.Module, learning_rate: float
+    ) -> Optimizer:
+        """The optimizer (default: the factory in :mod:`apt.trainops.engine.optim`)."""
+        return build_optimizer(cfg, model=model, learning_rate=learning_rate)
+
+    def build_scheduler(
+        self, cfg: SchedulerConfig, *, optimizer: Optimizer, total_steps: int
+    ) -> Any:
+        """The LR scheduler (default: :func:`build_lr_scheduler`)."""
+        return build_lr_scheduler(cfg, optimizer=optimizer, total_steps=total_steps)
+
+    def build_criterion(self) -> Callable[..., torch.Tensor]:
+        """The loss function used by ``train_step`` / ``validation_step``."""
+        raise NotImplementedError
+
+    def count_targets(self, batch: Any) -> int:
+        """Number of loss terms in ``batch`` (called on the CPU batch, no device sync)."""
+        raise NotImplementedError
+
+    def train_step(
+        self, model: nn.Module, batch: Any, criterion: Callable[..., torch.Tensor]
+    ) -> StepOutput:
+        """Forward one micro-batch (already on the device) and return its mean loss."""
+        raise NotImplementedError
+
+    def validation_step(
+        self, model: nn.Module, batch: Any, criterion: Callable[..., torch.Tensor]
+    ) -> StepOutput:
+        """Like ``train_step`` without gradients (default: the same computation)."""
+        return self.train_step(model, batch, criterion)
+
+
+#: Tasks by name, chosen with ``training.task`` or ``--task``.
+TASKS: Registry[type[TrainingTask]] = Registry("task")

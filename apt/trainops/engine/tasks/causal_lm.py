@@ -1,0 +1,145 @@
+"""``causal_lm``: next-token prediction on packed text (the default task)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from apt.core.config import DataConfig, ModelConfig
+from apt.core.errors import DataError
+from apt.trainops.engine.tasks.base import TASKS, StepOutput, TrainingTask
+
+__all__ = ["CausalLMTask", "split_batch"]
+
+IGNORE_INDEX = -100
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` from a dict or an ``(inputs, targets)`` tuple.
+
+    Dicts need ``input_ids``; ``labels`` default to the inputs shifted left by one (the last
+    position ignored), and positions where ``attention_mask`` is 0 are ignored.
+    """
+    if isinstance(batch, dict):
+        if "input_ids" not in batch:
+            raise DataError(
+                f"a causal_lm batch must hold 'input_ids' (got keys {sorted(batch)}); "
+                "return {'input_ids': ..., 'labels': ...} or an (inputs, targets) tuple"
+            )
+        input_ids = batch["input_ids"]
+        labels = batch.get("labels")
+        if labels is None:
+            labels = torch.full_like(input_ids, IGNORE_INDEX)
+            labels[:, :-1] = input_ids[:, 1:]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+        return input_ids, labels
+    if isinstance(batch, list | tuple) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise DataError(
+        f"cannot read a causal_lm batch of type {type(batch).__name__}; use a dict with "
+        "'input_ids' (and optional 'labels', 'attention_mask') or an (inputs, targets) tuple"
+    )
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The user's module inside torch.compile / DDP wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _takes_targets(model: nn.Module) -> bool:
+    try:
+        return "targets" in inspect.signature(_inner(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@TASKS.register("causal_lm")
+class CausalLMTask(TrainingTask):
+    """Next-token cross-entropy. Models that accept ``targets=`` (APT models) compute their own
+    loss, auxiliary losses included; any other module must return logits ``(B, T, V)``."""
+
+    name = "causal_lm"
+
+    def __init__(self) -> None:
+        self._takes_targets: bool | None = None
+
+    def build_model(self, cfg: ModelConfig) -> nn.Module:
+        from apt.model import build_model
+
+        return build_model(cfg)
+
+    def build_datasets(
+        self, cfg: DataConfig, *, seed: int
+    ) -> tuple[Dataset[Any], Dataset[Any] | None]:
+        from apt.trainops.data import build_datasets
+
+        bundle = build_datasets(cfg)
+        return bundle.train, bundle.val
+
+    def build_criterion(self) -> Callable[..., torch.Tensor]:
+        def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)),
+                labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+
+        return cross_entropy
+
+    def count_targets(self, batch: Any) -> int:
+        _, labels = split_batch(batch)
+        return int((labels != IGNORE_INDEX).sum())
+
+    def train_step(
+        self, model: nn.Module, batch: Any, criterion: Callable[..., torch.Tensor]
+    ) -> StepOutput:
+        input_ids, labels = split_batch(batch)
+        if self._targets_ok(model):
+            out = model(input_ids, targets=labels)
+            return StepOutput(loss=out.loss, stats=dict(getattr(out, "stats", {}) or {}))
+        logits = model(input_ids)
+        logits = getattr(logits, "logits", logits)
+        return StepOutput(loss=criterion(logits, labels))
+
+    def validation_step(
+        self, model: nn.Module, batch: Any, criterion: Callable[..., torch.Tensor]
+    ) -> StepOutput:
+        """The loss, plus totals for ``val_accuracy`` (the voter's choice where it is on),
+        ``val_entropy`` (mean next-token entropy, nats) and ``val_voter_fired``."""
+        input_ids, labels = split_batch(batch)
+        out = model(input_ids, targets=labels) if self._targets_ok(model) else model(input_ids)
+        logits = getattr(out, "logits", out)  # (B, T, V)
+        loss = out.loss if getattr(out, "loss", None) is not None else criterion(logits, labels)
+        mask = labels != IGNORE_INDEX  # (B, T)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
+        predict = getattr(_inner(model), "predict_tokens", None)
+        if predict is not None:
+            # A private generator: evaluation must not move the training RNG streams.
+            gen = torch.Generator(device=logits.device).manual_seed(0)
+            tokens, fired = predict(logits, generator=gen)
+        else:
+            tokens, fired = logits.argmax(-1), torch.zeros_like(mask)
+        totals = {
+            "accuracy": ((tokens == labels) & mask).sum(),
+            "entropy": (entropy * mask).sum(),
+            "voter_fired": (fired & mask).sum(),
+        }
+        return StepOutput(loss=loss, totals=totals)
+
+    def _targets_ok(self, model: nn.Module) -> bool:
+        if self._takes_targets is None:
+            self._takes_targets = _takes_targets(model)
+        return self._takes_targets

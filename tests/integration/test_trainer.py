@@ -1,0 +1,163 @@
+"""The Trainer end to end on small real models: accumulation, batch formats, keywords."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from apt.core.errors import ConfigError, DataError
+from apt.trainops.engine import Finetuner, Trainer
+
+
+class BigramLM(nn.Module):
+    """A real (tiny) language model that returns logits, like most user models."""
+
+    def __init__(self, vocab: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 16)
+        self.proj = nn.Linear(16, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.tanh(self.emb(input_ids)))  # (B, T, V)
+
+
+class PatternText(Dataset[dict[str, torch.Tensor]]):
+    """Sequences following a fixed bigram pattern, with padding of varying length."""
+
+    def __init__(self, n: int = 64, seq: int = 12, vocab: int = 32, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, vocab, (n,), generator=gen)
+        steps = torch.arange(seq)
+        self.ids = (starts[:, None] + 3 * steps[None, :]) % vocab
+        lengths = torch.randint(4, seq + 1, (n,), generator=gen)
+        self.mask = (steps[None, :] < lengths[:, None]).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def train(tmp_path: Path, name: str, **kwargs: object) -> tuple[Trainer, object]:
+    torch.manual_seed(0)
+    trainer = Trainer(
+        model=BigramLM(),
+        train_dataset=PatternText(),
+        eval_dataset=PatternText(n=16, seed=1),
+        learning_rate=0.05,
+        output_dir=str(tmp_path),
+        experiment_name=name,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return trainer, trainer.train()
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {
+        k: v.detach().clone()
+        for k, v in trainer.strategy.unwrap(trainer.model).state_dict().items()
+    }
+
+
+def test_k_micro_batches_of_b_equal_one_batch_of_k_times_b(tmp_path: Path) -> None:
+    # Padding makes micro-batches hold different numbers of targets: a naive mean of means
+    # would weight them wrongly; the engine weights each by its share of the step's targets.
+    big, _ = train(tmp_path, "big", batch_size=8, gradient_accumulation_steps=1, max_steps=6)
+    small, _ = train(tmp_path, "small", batch_size=4, gradient_accumulation_steps=2, max_steps=6)
+    wa, wb = weights(big), weights(small)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6)
+    assert big.state.tokens_seen == small.state.tokens_seen
+
+
+def test_loss_falls_and_result_fields(tmp_path: Path) -> None:
+    _, result = train(tmp_path, "run", batch_size=8, num_epochs=3)
+    assert result.global_step == 3 * (64 // 8)  # type: ignore[attr-defined]
+    m = result.metrics  # type: ignore[attr-defined]
+    assert m["val_loss_final"] < 0.7 * m["val_loss_initial"]
+    assert {"train_loss", "val_loss_initial", "val_loss_final"} <= set(m)
+    assert result.run_dir == tmp_path / "run"  # type: ignore[attr-defined]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "final_model" / "model.safetensors").is_file()
+
+
+def test_tuple_batches_and_explicit_loaders(tmp_path: Path) -> None:
+    data = PatternText()
+    pairs = [(data.ids[i], torch.roll(data.ids[i], -1)) for i in range(len(data))]
+    loader = DataLoader(pairs, batch_size=8, shuffle=False)
+    torch.manual_seed(0)
+    trainer = Trainer(
+        model=BigramLM(),
+        train_dataloader=loader,
+        max_steps=5,
+        learning_rate=0.05,
+        output_dir=str(tmp_path),
+    )
+    result = trainer.train()
+    assert result.global_step == 5 and result.metrics["train_loss"] < 3.5
+
+
+def test_unknown_keyword_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match=r"unknown keyword.*lerning_rate"):
+        Trainer(model=BigramLM(), lerning_rate=0.1)
+
+
+def test_too_little_data_is_a_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="fewer than one optimizer step"):
+        Trainer(
+            model=BigramLM(),
+            train_dataset=PatternText(n=4),
+            batch_size=8,
+            max_steps=3,
+            output_dir=str(tmp_path),
+        )
+
+
+def test_batches_without_input_ids_are_rejected(tmp_path: Path) -> None:
+    loader = DataLoader([{"tokens": torch.zeros(4, dtype=torch.long)}] * 8, batch_size=4)
+    trainer = Trainer(
+        model=BigramLM(), train_dataloader=loader, max_steps=1, output_dir=str(tmp_path)
+    )
+    with pytest.raises(DataError, match="must hold 'input_ids'"):
+        trainer.train()
+
+
+def test_finetuner_fine_tunes_a_pretrained_model_and_saves_it(tmp_path: Path) -> None:
+    from apt.model import APTLargeModel
+
+    torch.manual_seed(0)
+    APTLargeModel(preset="tiny", vocab_size=32, num_layers=1, max_seq_len=16).save_pretrained(
+        tmp_path / "base"
+    )
+    finetuner = Finetuner(
+        model=APTLargeModel.from_pretrained(tmp_path / "base"),
+        train_dataset=PatternText(n=32),
+        eval_dataset=PatternText(n=8, seed=1),
+        learning_rate=1e-3,
+        num_epochs=2,
+        batch_size=8,
+        output_dir=str(tmp_path / "runs"),
+    )
+    assert (
+        finetuner.config.training.num_epochs == 2
+        and finetuner.config.training.learning_rate == 1e-3
+    )
+    result = finetuner.finetune()
+    assert result.global_step == 2 * 32 // 8
+    assert result.metrics["val_loss_final"] < result.metrics["val_loss_initial"]
+    saved = APTLargeModel.from_pretrained(finetuner.save_model(tmp_path / "tuned"))
+    assert isinstance(saved, APTLargeModel)
+    trained = finetuner.strategy.unwrap(finetuner.model).state_dict()
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+
+
+def test_finetuner_defaults() -> None:
+    finetuner = Finetuner(model=BigramLM(), train_dataset=PatternText(n=16), batch_size=8)
+    t = finetuner.config.training
+    assert (t.learning_rate, t.num_epochs) == (1e-5, 3)

@@ -1,0 +1,81 @@
+"""Built-in callbacks and building callbacks from YAML specs."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from apt.core.config import CallbackSpec
+from apt.core.errors import ConfigError
+from apt.trainops.engine import Control, EarlyStopping, RunState, TrainState
+from apt.trainops.engine.callbacks import build_callback
+
+
+def eval_sequence(cb: EarlyStopping, values: list[float]) -> int | None:
+    train = TrainState()
+    state = RunState(train, model=torch.nn.Linear(1, 1), optimizer=None, lr_scheduler=None)
+    control = Control()
+    for step, value in enumerate(values, start=1):
+        train.global_step = step * 10
+        train.metrics["val_loss"] = value
+        cb.on_eval_end(state, control)
+        if control.should_stop:
+            return train.global_step
+    return None
+
+
+def test_early_stopping_stops_after_patience_without_improvement() -> None:
+    cb = EarlyStopping(monitor="val_loss", patience=2, min_delta=0.01)
+    assert eval_sequence(cb, [3.0, 2.5, 2.495, 2.6, 2.0]) == 40
+    assert cb.best == 2.5 and cb.stopped_at_step == 40
+
+
+def test_early_stopping_state_round_trips_mid_run() -> None:
+    first = EarlyStopping(patience=2)
+    assert eval_sequence(first, [3.0, 3.1]) is None
+    resumed = EarlyStopping(patience=2)
+    resumed.load_state_dict(first.state_dict())
+    assert eval_sequence(resumed, [3.2]) == 10  # the earlier bad evaluation still counts
+
+
+def test_early_stopping_mode_max() -> None:
+    assert (
+        eval_sequence(EarlyStopping(monitor="val_loss", mode="max", patience=1), [1.0, 0.5]) == 20
+    )
+
+
+def test_unknown_callback_name_lists_valid_names() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_callback(CallbackSpec(name="early_stoping"))
+    message = str(info.value)
+    assert "did you mean 'early_stopping'" in message.lower()
+    assert "progress_bar" in message and "lr_monitor" in message
+
+
+def test_unknown_option_lists_valid_options() -> None:
+    with pytest.raises(ConfigError, match=r"no option 'patiense'.*patience"):
+        build_callback(CallbackSpec(name="early_stopping", patiense=3))
+
+
+def test_user_callback_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_callbacks.py").write_text(
+        textwrap.dedent("""
+        from apt.trainops.engine import Callback
+
+        class Welcome(Callback):
+            def __init__(self, greeting: str = "hi") -> None:
+                self.greeting = greeting
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cb = build_callback(CallbackSpec(name="my_callbacks:Welcome", greeting="hello"))
+    assert type(cb).__name__ == "Welcome" and cb.greeting == "hello"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="cannot import module"):
+        build_callback(CallbackSpec(name="no_such_module_xyz:Welcome"))
+    with pytest.raises(ConfigError, match="subclass of"):
+        build_callback(CallbackSpec(name="my_callbacks:Callback2"))
+    sys.modules.pop("my_callbacks", None)
