@@ -41,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key (repeatable)",
     )
     train.add_argument("--task", help="training task (same as --set training.task=NAME)")
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though resume-critical config keys changed",
+    )
+    train.add_argument(
+        "--new-run",
+        action="store_true",
+        help="move an existing run folder aside and start a new run",
+    )
 
     profiles = sub.add_parser("profiles", help="list or show profiles")
     psub = profiles.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -97,9 +107,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_profile(args.profile, overrides=overrides)
     from apt.trainops.engine import Trainer
 
-    trainer = Trainer.from_config(cfg)
+    trainer = Trainer.from_config(
+        cfg, allow_config_change=args.allow_config_change, new_run=args.new_run
+    )
     log.info("run folder: %s", trainer.run_dir)
     result = trainer.train()
+    if result.exit_signal is not None:
+        print(
+            f"stopped by signal {result.exit_signal} at step {result.global_step}; the run is "
+            f"saved in {result.run_dir}. Run the same command to resume.",
+            file=sys.stderr,
+        )
+        return 128 + int(result.exit_signal)
     if trainer.env.is_main:
         _report(trainer, result)
     return 0

@@ -47,6 +47,16 @@ class ArtifactManager:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         return self.run_dir
 
+    def archive_existing(self) -> Path | None:
+        """Move an existing run folder aside as ``<name>-<YYYYmmdd-HHMMSS>``; return its new
+        path (None when there was nothing to move)."""
+        if not self.is_main or not self.run_dir.exists():
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.run_dir.with_name(f"{self.run_dir.name}-{stamp}")
+        self.run_dir.rename(target)
+        return target
+
     def save_config(self, config: dict[str, Any], provenance: dict[str, str] | None = None) -> None:
         """Write the resolved config (and where its values came from)."""
         if not self.is_main:

@@ -10,6 +10,7 @@ Format, commit protocol and guarantees: ``docs/checkpoints.md``.
 
 from apt.trainops.checkpoints.errors import CheckpointError, CheckpointSaveError
 from apt.trainops.checkpoints.fsio import StageFiles
+from apt.trainops.checkpoints.gathered import GatheredStatePayload
 from apt.trainops.checkpoints.loading import LoadedCheckpoint
 from apt.trainops.checkpoints.manager import CheckpointManager, SaveStats
 from apt.trainops.checkpoints.manifest import (
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointManager",
     "CheckpointSaveError",
     "FullStatePayload",
+    "GatheredStatePayload",
     "LoadedCheckpoint",
     "Payload",
     "RetentionPolicy",

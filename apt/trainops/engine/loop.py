@@ -87,7 +87,9 @@ class TrainingLoop:
         self.world_size = world_size
         self.criterion = task.build_criterion()
         self.control = Control()
-        self.exit_requested = False
+        self.exit_requested = False  # agreed by every rank; the loop saves and leaves
+        self.exit_signal: int | None = None
+        self._local_exit = False  # this process received SIGTERM/SIGINT
         self.view = RunState(
             state,
             model=model,
@@ -101,6 +103,11 @@ class TrainingLoop:
         )
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._last_eval_step: int | None = None
+
+    def request_exit(self, signum: int) -> None:
+        """Ask the loop to save at the next step boundary and return (signal handlers)."""
+        self._local_exit = True
+        self.exit_signal = signum
 
     # ----------------------------------------------------------------------------- events
     def fire(self, event: Event) -> None:
@@ -178,7 +185,18 @@ class TrainingLoop:
         self.fire(Event.STEP_START)
         micro = self._take(batches, plan.accumulation)
         counts = [self.task.count_targets(b) for b in micro]
-        global_count = self._sum_over_ranks(float(sum(counts)))
+        # One small collective per step carries the target count and any exit request, so all
+        # ranks agree on both (a signal seen by one rank stops every rank at the same step).
+        agreed = self._sum_over_ranks(
+            torch.tensor(
+                [float(sum(counts)), float(self._local_exit)],
+                dtype=torch.float64,
+                device=self.device,
+            )
+        )
+        global_count, exits = float(agreed[0]), float(agreed[1])
+        if exits > 0:
+            self.exit_requested = True
         if global_count <= 0:
             raise DataError(f"step {state.global_step}: the batches hold no targets to train on")
         # Weight each micro-batch by its share of the step's targets over all ranks; DDP then
@@ -252,6 +270,7 @@ class TrainingLoop:
             self.save("exit" if self.exit_requested else "interval")
         if control.should_stop and not state.finished:
             log.info("stopping at step %d: %s", step, control.stop_reason or "requested")
+            state.stop_reason = control.stop_reason or "stop requested by a callback"
             state.finished = True
 
     def evaluate(self) -> dict[str, float]:

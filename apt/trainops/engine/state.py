@@ -27,6 +27,7 @@ class TrainState:
         grad_norm: gradient norm before clipping of the latest step.
         metrics: the latest value of every metric (train_loss, val_loss, ...).
         finished: training reached its end (max_steps / num_epochs / stop request).
+        stop_reason: why a callback stopped the run early ("" when it ran its course).
     """
 
     epoch: int = 0
@@ -41,6 +42,7 @@ class TrainState:
     grad_norm: Any = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)
     finished: bool = False
+    stop_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible copy."""
@@ -55,6 +57,7 @@ class TrainState:
             "grad_norm": float(self.grad_norm),
             "metrics": dict(self.metrics),
             "finished": self.finished,
+            "stop_reason": self.stop_reason,
         }
 
     @classmethod

@@ -15,12 +15,21 @@ from torch.utils.data import DataLoader, Dataset
 from apt.core.config import APTConfig, config_from_dict
 from apt.core.errors import ConfigError, DataError
 from apt.trainops.artifacts import ArtifactManager
-from apt.trainops.distributed import build_strategy, distributed_errors, setup_distributed
+from apt.trainops.checkpoints import CheckpointManager, GatheredStatePayload
+from apt.trainops.distributed import (
+    barrier,
+    build_strategy,
+    distributed_errors,
+    setup_distributed,
+)
 from apt.trainops.engine.callbacks.base import Callback, CallbackManager
 from apt.trainops.engine.callbacks.builtin import MetricsLogger, ProgressBar
 from apt.trainops.engine.callbacks.registry import build_callbacks
 from apt.trainops.engine.callbacks.schedule import ScheduleCallback
+from apt.trainops.engine.checkpointing import RunCheckpoints
+from apt.trainops.engine.events import Event
 from apt.trainops.engine.loop import LoopPlan, TrainingLoop, sum_over_ranks
+from apt.trainops.engine.signals import graceful_exit
 from apt.trainops.engine.precision import make_autocast, make_grad_scaler, seed_everything
 from apt.trainops.engine.state import TrainState
 from apt.trainops.engine.tasks import TASKS, TrainingTask
@@ -62,12 +71,14 @@ class TrainResult:
         run_dir: the run folder.
         metrics: ``train_loss``, ``val_loss_initial``, ``val_loss_final`` and the latest values.
         finished: the run reached its planned end (False after an exit request).
+        exit_signal: the signal (SIGTERM, SIGINT) that ended the run early, if any.
     """
 
     global_step: int
     run_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)
     finished: bool = True
+    exit_signal: int | None = None
 
 
 def _with_keywords(config: APTConfig | None, keywords: dict[str, Any]) -> APTConfig:
@@ -108,6 +119,8 @@ class Trainer:
         train_dataset / eval_dataset: your datasets; default: ``task.build_datasets(cfg.data)``.
         config: a validated :class:`APTConfig`.
         callbacks: extra callbacks, run after the built-in and configured ones.
+        allow_config_change: resume even when resume-critical config keys changed.
+        new_run: move an existing run folder aside (``<name>-<timestamp>``) and start afresh.
         task: a task instance (default: the one named by ``training.task``).
         **keywords: config shortcuts: max_steps, num_epochs, learning_rate, batch_size,
             gradient_accumulation_steps, max_grad_norm, precision, device, seed, compile, task,
@@ -129,6 +142,8 @@ class Trainer:
         eval_dataset: Dataset[Any] | None = None,
         config: APTConfig | None = None,
         callbacks: list[Callback] | None = None,
+        allow_config_change: bool = False,
+        new_run: bool = False,
         **keywords: Any,
     ) -> None:
         task_obj = keywords.pop("task", None) if not isinstance(keywords.get("task"), str) else None
@@ -177,6 +192,10 @@ class Trainer:
         self.autocast = make_autocast(tcfg.precision, self.device)
         self.callbacks = CallbackManager(self._build_callbacks(callbacks or []))
         self.state = TrainState()
+        if new_run:
+            self.artifacts.archive_existing()
+        self.checkpoints = self._build_checkpoints(allow_config_change)
+        self._loop: TrainingLoop | None = None
 
     # ------------------------------------------------------------------------- construction
     @classmethod
@@ -275,14 +294,77 @@ class Trainer:
         )
 
     def _save(self, reason: str) -> None:
+        loop = self._loop
+        assert loop is not None
+        if self.checkpoints is not None:
+            self.checkpoints.save(
+                self.state,
+                model=self.model,
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                scaler=self.scaler,
+                on_saved=lambda: loop.fire(Event.CHECKPOINT_SAVE),
+            )
         if reason == "final" and self.config.artifacts.save_final_model:
             self.artifacts.save_model(self.strategy.unwrap(self.model))
 
+    def _build_checkpoints(self, allow_config_change: bool) -> RunCheckpoints:
+        ckpt_cfg = self.config.training.checkpoints
+        manager = CheckpointManager(
+            ckpt_cfg,
+            save_dir=self.run_dir / ckpt_cfg.directory,
+            is_writer=self.env.is_main,
+            barrier=barrier if self.env.world_size > 1 else None,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            payload=GatheredStatePayload(self.strategy),
+        )
+        return RunCheckpoints(
+            self.config,
+            manager=manager,
+            callbacks=self.callbacks,
+            world_size=self.env.world_size,
+            allow_config_change=allow_config_change,
+        )
+
+    def _resume(self, loop: TrainingLoop) -> bool:
+        """Continue from the newest checkpoint; True when the run is already complete."""
+        if self.checkpoints is None or not self.config.training.auto_resume:
+            return False
+        loaded = self.checkpoints.resume(
+            self.state,
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            scaler=self.scaler,
+        )
+        if loaded is None:
+            return False
+        loop.fire(Event.CHECKPOINT_LOAD)
+        if not self.state.finished:
+            return False
+        if self.state.stop_reason or self.state.global_step >= self.plan.total_steps:
+            log.info(
+                "run already complete at step %d (%s); nothing to do. Use --new-run (Trainer("
+                "new_run=True)) or another artifacts.experiment_name to train again.",
+                self.state.global_step,
+                self.run_dir,
+            )
+            return True
+        log.info(
+            "extending a finished run from step %d to %d",
+            self.state.global_step,
+            self.plan.total_steps,
+        )
+        self.state.finished = False
+        return False
+
     def train(self) -> TrainResult:
-        """Run training to the end and return the result."""
+        """Run training to the end (resuming from the run folder's newest checkpoint when
+        ``training.auto_resume``) and return the result."""
         self.artifacts.prepare()
         self.artifacts.save_config(self.config.to_dict(), self.config.provenance)
-        loop = TrainingLoop(
+        loop = self._loop = TrainingLoop(
             self.plan,
             model=self.model,
             task=self.task,
@@ -302,7 +384,12 @@ class Trainer:
         )
         try:
             with distributed_errors(f"training (rank {self.env.rank})"):
-                loop.run()
+                complete = self._resume(loop)
+                if not complete:
+                    with graceful_exit(loop.request_exit):
+                        loop.run()
+                if self.checkpoints is not None:
+                    self.checkpoints.manager.close()
         finally:
             self.artifacts.close()
         metrics = dict(self.state.metrics)
@@ -312,6 +399,7 @@ class Trainer:
             run_dir=self.run_dir,
             metrics=metrics,
             finished=self.state.finished,
+            exit_signal=loop.exit_signal,
         )
 
 

@@ -68,10 +68,11 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """``{"val_loss", "val_perplexity"}`` averaged over every target of the batches seen."""
+        """``val_loss`` (and ``val_perplexity``, ``val_<total>`` for the task's totals such as
+        accuracy and entropy), averaged over every target of the batches seen on all ranks."""
         was_training = self.model.training
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         try:
             for i, batch in enumerate(self.dataloader):
                 if self.max_batches is not None and i >= self.max_batches:
@@ -80,20 +81,32 @@ class Evaluator:
                 batch = to_device(batch, self.device)
                 with self.autocast():
                     out = self.task.validation_step(self.model, batch, self.criterion)
-                totals[0] += out.loss.detach().double() * n
-                totals[1] += n
+                _add(sums, "loss", out.loss.detach().double() * n)
+                _add(sums, "targets", torch.tensor(float(n), dtype=torch.float64))
+                for name, total in out.totals.items():
+                    _add(sums, name, total.detach().double())
         finally:
             self.model.train(was_training)
+        if not sums:
+            return {}
+        names = sorted(sums)
+        packed = torch.stack([sums[k] for k in names]).to(self.device)  # one collective for all
         if self.reduce is not None:
-            totals = self.reduce(totals)
+            packed = self.reduce(packed)
+        values = dict(zip(names, packed.tolist(), strict=True))
+        loss_sum, targets = values.pop("loss"), int(values.pop("targets"))
         return compute_metrics(
-            float(totals[0]),
-            int(totals[1]),
-            perplexity=getattr(self.task, "loss_is_cross_entropy", True),
+            loss_sum, targets, values, perplexity=getattr(self.task, "loss_is_cross_entropy", True)
         )
 
 
+def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    value = value.cpu()
+    sums[name] = sums[name] + value if name in sums else value
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a batch (tensor, dict, list or tuple) to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

@@ -135,8 +135,9 @@ class CausalLMTask(TrainingTask):
         totals = {
             "accuracy": ((tokens == labels) & mask).sum(),
             "entropy": (entropy * mask).sum(),
-            "voter_fired": (fired & mask).sum(),
         }
+        if getattr(_inner(model), "voter", None) is not None:
+            totals["voter_fired"] = (fired & mask).sum()
         return StepOutput(loss=loss, totals=totals)
 
     def _targets_ok(self, model: nn.Module) -> bool:

@@ -1,0 +1,182 @@
+"""The Trainer's side of checkpoints: what a run saves, how it resumes, and config drift.
+
+A checkpoint holds, besides model/optimizer/scheduler/scaler and every rank's RNG (written by
+:class:`~apt.trainops.checkpoints.CheckpointManager`), a ``trainer_state`` JSON document::
+
+    {"train": TrainState, "callbacks": {...}, "config": {...resolved config...},
+     "fingerprint": "...", "world_size": 2, "versions": {"apt": ..., "torch": ...}}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apt.core.config import APTConfig
+from apt.core.errors import CheckpointError, ConfigError
+from apt.trainops.checkpoints import CheckpointManager, CheckpointSaveError, LoadedCheckpoint
+from apt.trainops.engine.callbacks.base import CallbackManager
+from apt.trainops.engine.state import TrainState
+
+__all__ = ["RunCheckpoints", "config_drift"]
+
+log = logging.getLogger("apt")
+
+#: Dotted prefixes whose change makes a resume meaningless (another model, data or batch).
+RESUME_CRITICAL = (
+    "model.",
+    "data.source",
+    "data.train_files",
+    "data.val_files",
+    "data.text_field",
+    "data.val_fraction",
+    "data.max_corpus_bytes",
+    "data.tokenizer",
+    "data.seq_len",
+    "data.shuffle",
+    "training.task",
+    "training.batch_size",
+    "training.gradient_accumulation_steps",
+    "training.seed",
+    "training.optimizer.kind",
+    "schedules.",
+)
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: data}
+
+
+def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(critical, benign) changes between a checkpoint's config and the current one, as
+    ``key: old -> new`` lines."""
+    old, new = _flatten(saved), _flatten(current)
+    critical, benign = [], []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        line = f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
+        is_critical = any(key == p or key.startswith(p) for p in RESUME_CRITICAL)
+        (critical if is_critical else benign).append(line)
+    return critical, benign
+
+
+class RunCheckpoints:
+    """Saves and resumes one run through a :class:`CheckpointManager`.
+
+    Args:
+        config: the run's config (its ``training.checkpoints`` section configures the manager;
+            the whole config is recorded for drift checks).
+        manager: the checkpoint manager of the run folder.
+        callbacks: whose states are saved and restored.
+        world_size: processes in this run.
+        allow_config_change: resume despite resume-critical config changes.
+    """
+
+    def __init__(
+        self,
+        config: APTConfig,
+        *,
+        manager: CheckpointManager,
+        callbacks: CallbackManager,
+        world_size: int,
+        allow_config_change: bool = False,
+    ) -> None:
+        self.config = config
+        self.manager = manager
+        self.callbacks = callbacks
+        self.world_size = world_size
+        self.allow_config_change = allow_config_change
+
+    def save(
+        self,
+        state: TrainState,
+        *,
+        model: Any,
+        optimizer: Any,
+        lr_scheduler: Any,
+        scaler: Any,
+        on_saved: Callable[[], None],
+    ) -> Path | None:
+        """Write a checkpoint of the current step; apply ``on_save_error`` to a failure."""
+        import apt
+
+        trainer_state = {
+            "train": state.to_dict(),
+            "callbacks": self.callbacks.state_dict(),
+            "config": self.config.to_dict(),
+            "fingerprint": self.config.fingerprint(),
+            "world_size": self.world_size,
+            "versions": {"apt": apt.__version__, "torch": torch.__version__},
+        }
+        try:
+            path = self.manager.save(
+                state.global_step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=lr_scheduler,
+                scaler=scaler,
+                trainer_state=trainer_state,
+                metrics=dict(state.metrics),
+            )
+        except CheckpointSaveError as exc:
+            if self.config.training.checkpoints.on_save_error == "stop":
+                raise CheckpointError(
+                    f"{exc}\nThe run stops (training.checkpoints.on_save_error: stop); the "
+                    "previous checkpoint is intact and the same command resumes from it."
+                ) from None
+            log.warning(
+                "checkpoint of step %d failed, training goes on: %s", state.global_step, exc
+            )
+            return None
+        on_saved()
+        return path
+
+    def resume(
+        self, state: TrainState, *, model: Any, optimizer: Any, lr_scheduler: Any, scaler: Any
+    ) -> LoadedCheckpoint | None:
+        """Load the newest good checkpoint into the objects and ``state``; None when none."""
+        loaded = self.manager.load_latest(
+            model=model,
+            optimizer=optimizer,
+            scheduler=lr_scheduler,
+            scaler=scaler,
+            restore_rng=True,
+        )
+        if loaded is None:
+            return None
+        saved = loaded.trainer_state
+        self._check_drift(saved, loaded)
+        restored = TrainState.from_dict(saved["train"])
+        for field in vars(restored):
+            setattr(state, field, getattr(restored, field))
+        self.callbacks.load_state_dict(saved.get("callbacks", {}))
+        log.info("resumed from %s (epoch %d, step %d)", loaded.path, state.epoch, state.global_step)
+        return loaded
+
+    def _check_drift(self, saved: dict[str, Any], loaded: LoadedCheckpoint) -> None:
+        current = self.config.to_dict()
+        critical, benign = config_drift(saved.get("config", {}), current)
+        if saved.get("world_size", self.world_size) != self.world_size:
+            critical.append(f"world size: {saved['world_size']} -> {self.world_size}")
+        for line in benign:
+            log.info("config changed since %s (allowed): %s", loaded.path.name, line)
+        if critical and not self.allow_config_change:
+            raise ConfigError(
+                f"the run folder's checkpoint {loaded.path} was made with a different config; "
+                "resuming would not continue the same run:\n  "
+                + "\n  ".join(critical)
+                + "\nUse a new artifacts.experiment_name for a new run, or pass "
+                "--allow-config-change (Trainer(allow_config_change=True)) to resume anyway."
+            )
+        for line in critical:
+            log.warning("resuming despite a resume-critical change: %s", line)
