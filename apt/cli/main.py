@@ -74,6 +74,30 @@ def _parser() -> argparse.ArgumentParser:
     csub.add_parser("schema", help="print the JSON Schema of the config (for editors)")
 
     sub.add_parser("tasks", help="list the training tasks")
+
+    launch = sub.add_parser(
+        "launch",
+        help="start N processes per node with torchrun, e.g. launch --nproc-per-node 2 "
+        "train --profile ddp",
+    )
+    launch.add_argument("--nproc-per-node", type=int, default=1, help="processes on this node")
+    launch.add_argument("--nnodes", type=int, default=1, help="number of nodes")
+    launch.add_argument("--node-rank", type=int, default=0, help="this node's rank")
+    launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    launch.add_argument("--master-port", type=int, default=29500, help="free port on node 0")
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart the whole group this many times after a failure "
+        "(each restart resumes from the newest checkpoint)",
+    )
+    launch.add_argument(
+        "train_args",
+        nargs=argparse.REMAINDER,
+        metavar="COMMAND",
+        help="the apt command every process runs (train --profile ...)",
+    )
     return parser
 
 
@@ -134,7 +158,10 @@ def _report(trainer: Any, result: Any) -> None:
     prompt = trainer.config.artifacts.sample_prompt
     model = trainer.strategy.unwrap(trainer.model)
     if prompt and hasattr(model, "generate"):
-        print("sample:\n" + _sample(trainer, model, prompt))
+        if trainer.strategy.sharded:
+            print("sample: skipped (the model is sharded; load final_model to generate)")
+        else:
+            print("sample:\n" + _sample(trainer, model, prompt))
 
 
 def _sample(trainer: Any, model: Any, prompt: str) -> str:
@@ -204,11 +231,45 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    if not args.train_args or args.train_args[0] != "train":
+        raise ConfigError(
+            "launch runs a train command: launch --nproc-per-node 2 train --profile P"
+        )
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    argv = [
+        f"--nproc-per-node={args.nproc_per_node}",
+        f"--nnodes={args.nnodes}",
+        f"--node-rank={args.node_rank}",
+        f"--master-addr={args.master_addr}",
+        f"--master-port={args.master_port}",
+        f"--max-restarts={args.max_restarts}",
+        "--module",
+        "apt",
+        *args.train_args,
+    ]
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        failures = "; ".join(
+            f"rank {rank}: exit code {failure.exitcode}" for rank, failure in exc.failures.items()
+        )
+        print(
+            f"error: training processes failed ({failures}); see their messages above",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "profiles": _cmd_profiles,
     "config": _cmd_config,
     "tasks": _cmd_tasks,
+    "launch": _cmd_launch,
 }
 
 

@@ -389,11 +389,19 @@ class APTModel(nn.Module):
         MLP while on, router and experts while off). DDP then needs find_unused_parameters."""
         return self.config.moe is not None
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``; return it."""
+    def save_pretrained(
+        self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``; return it.
+
+        Args:
+            directory: the folder (created if missing).
+            state_dict: weights to write instead of this module's own (e.g. the full state
+                gathered from an FSDP-sharded copy of this model).
+        """
         from apt.model.architectures.pretrained import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, state_dict)
 
     @classmethod
     def from_pretrained(

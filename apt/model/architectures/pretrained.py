@@ -50,11 +50,16 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained(model: APTModel, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``."""
+def save_pretrained(
+    model: APTModel, directory: str | Path, state: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (each atomically) into ``directory``.
+
+    ``state`` replaces ``model.state_dict()`` (a full state gathered from a sharded model).
+    """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     # One copy per shared tensor: the first name wins (embed_tokens.weight before lm_head.weight).
     unique = {group[0]: state[group[0]] for group in _shared_groups(state)}
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in unique.items()}

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -86,19 +87,36 @@ class ArtifactManager:
         if self.is_main:
             self._write_text(name, "\n".join(lines) + "\n")
 
-    def save_model(self, model: nn.Module, name: str = "final_model") -> Path:
-        """Export ``model`` with ``save_pretrained`` (APT models) or as a safetensors file."""
+    def save_model(
+        self,
+        model: nn.Module,
+        name: str | Path = "final_model",
+        *,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Export ``model`` with ``save_pretrained`` (APT models) or as a safetensors file.
+
+        Args:
+            model: the (unwrapped) model.
+            name: folder inside the run folder, or an absolute/relative path of its own.
+            state_dict: weights to write instead of the module's own (gathered from shards).
+        """
         target = self.run_dir / name
         if not self.is_main:
             return target
         target.mkdir(parents=True, exist_ok=True)
         save_pretrained = getattr(model, "save_pretrained", None)
         if callable(save_pretrained):
-            save_pretrained(target)
+            if state_dict is None:
+                save_pretrained(target)
+            else:
+                save_pretrained(target, state_dict=state_dict)
         else:
-            from safetensors.torch import save_model
+            from safetensors.torch import save_file
 
-            save_model(model, str(target / "model.safetensors"))
+            state = state_dict if state_dict is not None else model.state_dict()
+            tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+            save_file(tensors, str(target / "model.safetensors"))
         return target
 
     def read_metrics(self) -> list[dict[str, Any]]:

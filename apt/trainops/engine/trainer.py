@@ -306,7 +306,17 @@ class Trainer:
                 on_saved=lambda: loop.fire(Event.CHECKPOINT_SAVE),
             )
         if reason == "final" and self.config.artifacts.save_final_model:
-            self.artifacts.save_model(self.strategy.unwrap(self.model))
+            self.export_model("final_model")
+
+    def export_model(self, directory: str | Path) -> Path:
+        """Write the trained model (``save_pretrained`` format for APT models) into
+        ``directory`` (relative paths are inside the run folder). Collective when sharded."""
+        state = None
+        if self.strategy.sharded:
+            state, _ = self.strategy.full_state_dict(self.model, None)  # gathered on rank 0
+        return self.artifacts.save_model(
+            self.strategy.unwrap(self.model), directory, state_dict=state
+        )
 
     def _build_checkpoints(self, allow_config_change: bool) -> RunCheckpoints:
         ckpt_cfg = self.config.training.checkpoints
@@ -420,18 +430,7 @@ class Finetuner(Trainer):
 
     def save_model(self, directory: str | Path) -> Path:
         """Write the fine-tuned model (``save_pretrained`` format for APT models)."""
-        target = Path(directory)
-        if self.env.is_main:
-            model = self.strategy.unwrap(self.model)
-            target.mkdir(parents=True, exist_ok=True)
-            save_pretrained = getattr(model, "save_pretrained", None)
-            if callable(save_pretrained):
-                save_pretrained(target)
-            else:
-                from safetensors.torch import save_model
-
-                save_model(model, str(target / "model.safetensors"))
-        return target
+        return self.export_model(Path(directory).absolute())
 
 
 class PreTrainer(Trainer):
