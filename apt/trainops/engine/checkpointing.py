@@ -60,7 +60,8 @@ def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[s
     """(critical, benign) changes between a checkpoint's config and the current one, as
     ``key: old -> new`` lines."""
     old, new = _flatten(saved), _flatten(current)
-    critical, benign = [], []
+    critical: list[str] = []
+    benign: list[str] = []
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue

@@ -26,7 +26,7 @@ def graceful_exit(request: Callable[[int], None]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     received: list[int] = []
 
     def handle(signum: int, frame: FrameType | None) -> None:

@@ -29,8 +29,8 @@ from apt.trainops.engine.callbacks.schedule import ScheduleCallback
 from apt.trainops.engine.checkpointing import RunCheckpoints
 from apt.trainops.engine.events import Event
 from apt.trainops.engine.loop import LoopPlan, TrainingLoop, sum_over_ranks
-from apt.trainops.engine.signals import graceful_exit
 from apt.trainops.engine.precision import make_autocast, make_grad_scaler, seed_everything
+from apt.trainops.engine.signals import graceful_exit
 from apt.trainops.engine.state import TrainState
 from apt.trainops.engine.tasks import TASKS, TrainingTask
 from apt.trainops.eval import Evaluator
