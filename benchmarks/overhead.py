@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from apt.core.config import ModelConfig
+from apt.core.config import ModelConfig, config_from_dict
 from apt.model import build_model
 from apt.trainops.engine import Callback, Control, RunState, Trainer
 
@@ -76,24 +76,32 @@ def trainer_loop(
     model: torch.nn.Module, batches: list[Any], args: argparse.Namespace, sync: Any, out: Path
 ) -> list[float]:
     timer = StepTimer(sync)
+    # What a user switches off to time steps: progress bar, validation, model export, resume.
+    config = config_from_dict(
+        {
+            "training": {
+                "max_steps": len(batches),
+                "learning_rate": 1e-3,
+                "precision": args.precision,
+                "device": args.device,
+                "auto_resume": False,
+                "checkpoints": {"save_interval": None},
+            },
+            "eval": {"at_start": False},
+            "monitoring": {"progress_bar": False, "log_interval": 10},
+            "artifacts": {
+                "output_dir": str(out),
+                "experiment_name": f"overhead-{time.time_ns()}",
+                "save_final_model": False,
+            },
+        }
+    )
     trainer = Trainer(
         model=model,
         train_dataloader=DataLoader(batches, batch_size=None),
-        max_steps=len(batches),
-        learning_rate=1e-3,
-        precision=args.precision,
-        device=args.device,
+        config=config,
         callbacks=[timer],
-        output_dir=str(out),
-        experiment_name="overhead",
-        save_interval=None,
     )
-    # Only what a user would switch off for a benchmark: no progress bar, no eval, no export.
-    trainer.callbacks.callbacks = [
-        cb for cb in trainer.callbacks.callbacks if type(cb).__name__ != "ProgressBar"
-    ]
-    trainer.callbacks._rebuild()
-    trainer.eval_loader = None
     trainer.train()
     return timer.times
 
