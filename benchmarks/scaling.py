@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 from apt import load_profile
+
+_sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 from apt.trainops.engine import Callback, Control, RunState, Trainer
 
 
@@ -30,11 +32,11 @@ class Timer(Callback):
         self.warmup, self.times, self._t = warmup, [], 0.0
 
     def on_step_start(self, state: RunState, control: Control) -> None:
-        torch.cuda.synchronize()
+        _sync()
         self._t = time.perf_counter()
 
     def on_step_end(self, state: RunState, control: Control) -> None:
-        torch.cuda.synchronize()
+        _sync()
         if state.global_step > self.warmup:
             self.times.append(time.perf_counter() - self._t)
 
@@ -56,13 +58,14 @@ def main() -> None:
         "eval.max_batches=1",
         "monitoring.progress_bar=false",
         "artifacts.save_final_model=false",
-        f"artifacts.experiment_name=scaling-{args.label}-{time.time_ns()}",
+        f"artifacts.experiment_name=scaling-{args.label}",
         *args.overrides,
     ]
     cfg = load_profile(args.profile, overrides=overrides)
     timer = Timer(args.warmup)
     trainer = Trainer.from_config(cfg, callbacks=[timer])
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
     world = trainer.env.world_size
     tokens_per_step = (
@@ -71,7 +74,8 @@ def main() -> None:
         * cfg.training.gradient_accumulation_steps
         * world
     )
-    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=trainer.device)
+    peak_bytes = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    peak = torch.tensor(peak_bytes / 2**30, device=trainer.device)
     if world > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     step_s = statistics.median(timer.times)
@@ -80,7 +84,7 @@ def main() -> None:
         "profile": args.profile,
         "strategy": cfg.training.distributed.strategy,
         "gpus": world,
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "precision": cfg.training.precision,
         "compile": cfg.training.compile,

@@ -106,6 +106,24 @@ def _with_keywords(config: APTConfig | None, keywords: dict[str, Any]) -> APTCon
     return config_from_dict(data, source="Trainer(...) keywords")
 
 
+def _check_ranks_agree(cfg: APTConfig, rank: int) -> None:
+    """Every rank must train the same config into the same run folder."""
+    import torch.distributed as dist
+
+    mine = (cfg.fingerprint(), f"{cfg.artifacts.output_dir}/{cfg.artifacts.experiment_name}")
+    seen: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    if any(other != mine for other in seen):
+        differing = sorted(
+            {f"rank {r}: run folder {s[1]}, config {s[0][:12]}" for r, s in enumerate(seen)}
+        )
+        raise ConfigError(
+            f"rank {rank}: the processes were started with different configs:\n  "
+            + "\n  ".join(differing)
+            + "\nStart every rank with the same profile and --set overrides."
+        )
+
+
 class Trainer:
     """Trains a model: ``Trainer.from_config(cfg).train()`` or keyword construction.
 
@@ -165,6 +183,8 @@ class Trainer:
             device=tcfg.device,
         )
         self.device = self.env.device
+        if self.env.world_size > 1:
+            _check_ranks_agree(cfg, self.env.rank)
         seed_everything(tcfg.seed, deterministic=tcfg.deterministic)
         self.task: TrainingTask = task_obj or TASKS.get(tcfg.task)()
         self.artifacts = ArtifactManager(cfg.artifacts, is_main=self.env.is_main)
