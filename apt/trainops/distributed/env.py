@@ -213,7 +213,9 @@ def setup_distributed(
     if rank_device.type == "cuda":
         torch.cuda.set_device(rank_device)
     dist.init_process_group(
-        backend=resolved,
+        # With NCCL, CPU tensors (FSDP CPU offload, small control collectives) still need a
+        # backend: gloo serves them in the same process group.
+        backend="cpu:gloo,cuda:nccl" if resolved == "nccl" else resolved,
         timeout=timedelta(seconds=timeout_seconds),
         device_id=rank_device if resolved == "nccl" else None,
     )

@@ -196,7 +196,7 @@ class Trainer:
         # has to fit on one device.
         self.model = self.strategy.apply(raw_model)
         if tcfg.compile:
-            self.model = torch.compile(self.model)  # type: ignore[assignment]
+            self.model = self.strategy.compile(self.model)
 
         self.train_loader, self.eval_loader = self._build_loaders(
             train_dataloader, eval_dataloader, train_dataset, eval_dataset

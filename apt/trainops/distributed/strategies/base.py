@@ -81,6 +81,10 @@ class Strategy:
         """Move ``model`` to this rank's device and wrap/shard it; use the result for training."""
         return model.to(self.env.device)
 
+    def compile(self, model: nn.Module) -> nn.Module:
+        """``torch.compile`` the wrapped model (``training.compile``); returns what to train."""
+        return torch.compile(model)  # type: ignore[return-value]
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module (no DDP, no ``torch.compile`` wrapper)."""
         return unwrap_model(model)

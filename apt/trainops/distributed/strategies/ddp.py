@@ -54,6 +54,8 @@ class DDPStrategy(Strategy):
             bucket_cap_mb=opts.bucket_cap_mb,
             static_graph=opts.static_graph,
             find_unused_parameters=find_unused,
+            # Gradients live in the communication buckets: no copy in or out per step.
+            gradient_as_bucket_view=True,
         )
 
     @contextmanager

@@ -127,8 +127,22 @@ class FSDPStrategy(Strategy):
         if not isinstance(root, FSDPModule):
             yield
             return
+        # Micro-batches before the last neither reduce-scatter gradients nor free the gathered
+        # parameters after backward, so a step of k micro-batches gathers once, not k times.
         root.set_requires_gradient_sync(False)
+        root.set_reshard_after_backward(False)
         try:
             yield
         finally:
             root.set_requires_gradient_sync(True)
+            root.set_reshard_after_backward(True)
+
+    def compile(self, model: nn.Module) -> nn.Module:
+        """Compile each transformer block in place (FSDP's hooks stay between the compiled
+        regions, and parameter names keep no ``_orig_mod.`` prefix)."""
+        blocks = transformer_blocks(unwrap_model(model))
+        if not blocks:
+            return super().compile(model)
+        for block in blocks:
+            block.compile()
+        return model
