@@ -18,7 +18,6 @@ def test_wheel_ships_profiles_and_compat_and_works_from_anywhere(tmp_path: Path)
             "pip",
             "wheel",
             "--no-deps",
-            "--no-build-isolation",
             "-q",
             "-w",
             str(tmp_path / "dist"),
