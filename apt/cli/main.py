@@ -124,7 +124,25 @@ def _check_callbacks(cfg: APTConfig) -> None:
     build_callbacks(cfg.callbacks, sink=None, schedules=cfg.schedules)
 
 
+def _end_with_launcher() -> None:
+    """Under torchrun, die with the launcher: torchrun starts workers in sessions of their own,
+    so a SIGKILL of the launcher would otherwise leave them training into the run folder, racing
+    the next run of the same command."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("could not tie this worker to its launcher (errno %d)", ctypes.get_errno())
+    elif os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    _end_with_launcher()
     overrides = list(args.overrides)
     if args.task:
         overrides.append(f"training.task={args.task}")

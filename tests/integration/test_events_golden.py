@@ -65,9 +65,16 @@ for _event in Event:  # one real method per event, as a user callback would defi
 def run(tmp_path: Path, recorder: Recorder, **kwargs: object) -> Trainer:
     torch.manual_seed(0)
     trainer = Trainer(
-        model=TinyLM(), train_dataset=Counting(16), eval_dataset=Counting(4), batch_size=4,
-        gradient_accumulation_steps=2, learning_rate=0.1, output_dir=str(tmp_path),
-        save_interval=None, callbacks=[recorder], **kwargs,  # type: ignore[arg-type]
+        model=TinyLM(),
+        train_dataset=Counting(16),
+        eval_dataset=Counting(4),
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=0.1,
+        output_dir=str(tmp_path),
+        save_interval=None,
+        callbacks=[recorder],
+        **kwargs,  # type: ignore[arg-type]
     )
     trainer.callbacks.callbacks = [recorder]  # only the recorder: the sequence is all we check
     trainer.callbacks._rebuild()
@@ -77,9 +84,17 @@ def run(tmp_path: Path, recorder: Recorder, **kwargs: object) -> Trainer:
 
 STEP = [
     "step_start",
-    "batch_start", "before_backward", "after_backward", "batch_end",
-    "batch_start", "before_backward", "after_backward", "batch_end",
-    "before_optimizer_step", "after_optimizer_step", "step_end",
+    "batch_start",
+    "before_backward",
+    "after_backward",
+    "batch_end",
+    "batch_start",
+    "before_backward",
+    "after_backward",
+    "batch_end",
+    "before_optimizer_step",
+    "after_optimizer_step",
+    "step_end",
 ]
 EVAL = ["eval_start", "eval_end"]
 
@@ -88,10 +103,19 @@ def test_golden_event_sequence(tmp_path: Path) -> None:
     recorder = Recorder()
     run(tmp_path, recorder, num_epochs=2)
     expected = [
-        "train_start", *EVAL,
-        "epoch_start", *STEP, *STEP, "epoch_end", *EVAL,
-        "epoch_start", *STEP, *STEP, "epoch_end",
-        *EVAL, "checkpoint_save",  # the final validation and save
+        "train_start",
+        *EVAL,
+        "epoch_start",
+        *STEP,
+        *STEP,
+        "epoch_end",
+        *EVAL,
+        "epoch_start",
+        *STEP,
+        *STEP,
+        "epoch_end",
+        *EVAL,
+        "checkpoint_save",  # the final validation and save
         "train_end",
     ]
     assert recorder.events == expected
@@ -110,7 +134,7 @@ def test_stop_request_ends_the_run_after_that_step(tmp_path: Path) -> None:
     trainer = run(tmp_path, recorder, num_epochs=2)
     assert trainer.state.global_step == 3 and trainer.state.finished
     assert trainer.state.stop_reason == "test asked"
-    tail = recorder.events[recorder.events.index("step_end", -15):]
+    tail = recorder.events[recorder.events.index("step_end", -15) :]
     # step 3 ends mid-epoch: no epoch_end; final eval and save, then train_end
     assert tail == ["step_end", *EVAL, "checkpoint_save", "train_end"]
 

@@ -44,6 +44,18 @@ def _shared_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
     return list(groups.values())
 
 
+def _tied_names(model: APTModel) -> set[str]:
+    """Parameter names that alias an earlier-named parameter (tied weights), to skip."""
+    first: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.add(name)
+        else:
+            first[id(param)] = name
+    return tied
+
+
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
@@ -59,8 +71,12 @@ def save_pretrained(
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    tied = _tied_names(model)
     state = model.state_dict() if state is None else state
     # One copy per shared tensor: the first name wins (embed_tokens.weight before lm_head.weight).
+    # Ties come from the model's own parameters, since a state gathered from shards holds a
+    # separate copy under every name.
+    state = {name: t for name, t in state.items() if name not in tied}
     unique = {group[0]: state[group[0]] for group in _shared_groups(state)}
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in unique.items()}
     config_text = json.dumps(model.config.model_dump(mode="json"), indent=2, sort_keys=True)

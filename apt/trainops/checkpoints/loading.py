@@ -26,7 +26,13 @@ from apt.trainops.checkpoints.payload import Objects, Payload
 from apt.trainops.checkpoints.rng import join_rng_state, restore_rng_state
 from apt.trainops.checkpoints.tensorio import read_safetensors
 
-__all__ = ["LoadedCheckpoint", "newest_good_checkpoint", "read_checkpoint", "resolve_checkpoint"]
+__all__ = [
+    "LoadedCheckpoint",
+    "newest_good_checkpoint",
+    "read_checkpoint",
+    "read_trainer_state",
+    "resolve_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +115,12 @@ def newest_good_checkpoint(save_dir: Path, *, quarantine_bad: bool) -> VerifiedC
     return good
 
 
+def read_trainer_state(ckpt: VerifiedCheckpoint) -> dict[str, Any]:
+    """The ``trainer_state`` given to ``save`` (``{}`` if none) of a verified checkpoint."""
+    state_path = ckpt.file(TRAINER_STATE_FILE)
+    return json.loads(state_path.read_text("utf-8")) if state_path else {}
+
+
 def read_checkpoint(
     ckpt: VerifiedCheckpoint,
     payload: Payload,
@@ -120,8 +132,7 @@ def read_checkpoint(
 ) -> LoadedCheckpoint:
     """Load a verified checkpoint into ``objs`` and read its trainer state and RNG."""
     payload.load(ckpt, objs, map_location=map_location)
-    state_path = ckpt.file(TRAINER_STATE_FILE)
-    trainer_state = json.loads(state_path.read_text("utf-8")) if state_path else {}
+    trainer_state = read_trainer_state(ckpt)
     plain = ckpt.file(f"{rng_file(rank)}.json")
     tensors = ckpt.file(f"{rng_file(rank)}.safetensors")
     rng_state = None

@@ -47,6 +47,7 @@ from apt.trainops.checkpoints.loading import (
     LoadedCheckpoint,
     newest_good_checkpoint,
     read_checkpoint,
+    read_trainer_state,
     resolve_checkpoint,
 )
 from apt.trainops.checkpoints.manifest import read_manifest, verify_checkpoint, write_manifest
@@ -462,11 +463,14 @@ class CheckpointManager:
         scaler: Any = None,
         map_location: str = "cpu",
         restore_rng: bool = False,
+        before_load: Callable[[dict[str, Any], Path], None] | None = None,
     ) -> LoadedCheckpoint | None:
         """Load the newest checkpoint that verifies; None when there is none.
 
         A corrupt or partial newer checkpoint is skipped with a warning naming what was wrong
         and (writer) moved aside as ``.corrupt-step-N``. Collective when a barrier is given.
+        ``before_load(trainer_state, path)`` runs once the checkpoint is verified and before
+        anything is loaded into the objects (the Trainer's config-drift check; it may raise).
         """
         self._finish_quietly()  # its barriers must not interleave with this one's
         if self.is_writer:
@@ -476,6 +480,8 @@ class CheckpointManager:
         ckpt = newest_good_checkpoint(self.save_dir, quarantine_bad=self.is_writer)
         if ckpt is None:
             return None
+        if before_load is not None:
+            before_load(read_trainer_state(ckpt), ckpt.path)
         return read_checkpoint(
             ckpt,
             self._payload,

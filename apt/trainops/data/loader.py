@@ -27,6 +27,18 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+class _EpochSeededLoader(DataLoader[Any]):
+    """Re-seeds the generator PyTorch draws the workers' base seed from, from (seed, epoch),
+    at every ``iter``: a resumed process, which builds a fresh loader, then gives the workers of
+    an epoch the same random streams as the process that never stopped."""
+
+    def __iter__(self) -> Any:
+        sampler = self.sampler
+        if self.generator is not None and isinstance(sampler, ResumableSampler):
+            self.generator.manual_seed(sampler.seed * 1_000_003 + sampler.epoch)
+        return super().__iter__()
+
+
 def create_dataloader(
     dataset: Dataset[Any],
     batch_size: int = 32,
@@ -92,7 +104,7 @@ def create_dataloader(
         extra["persistent_workers"] = True
     if prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
-    return DataLoader(
+    return _EpochSeededLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

@@ -79,6 +79,10 @@ class ResumableSampler(Sampler[int]):
         """Use the order of ``epoch`` from the next iteration on."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if epoch != self.epoch:
+            # A start belongs to the epoch it was set for. DataLoader draws from the sampler
+            # lazily, so a resumed epoch with no step left never consumed its start.
+            self._start = 0
         self.epoch = epoch
 
     def set_start(self, index: int) -> None:

@@ -119,6 +119,7 @@ class RunCheckpoints:
             "world_size": self.world_size,
             "versions": {"apt": apt.__version__, "torch": torch.__version__},
         }
+        self.finish()  # a failed async save is reported with its own step; this one still runs
         try:
             path = self.manager.save(
                 state.global_step,
@@ -130,17 +131,25 @@ class RunCheckpoints:
                 metrics=dict(state.metrics),
             )
         except CheckpointSaveError as exc:
-            if self.config.training.checkpoints.on_save_error == "stop":
-                raise CheckpointError(
-                    f"{exc}\nThe run stops (training.checkpoints.on_save_error: stop); the "
-                    "previous checkpoint is intact and the same command resumes from it."
-                ) from None
-            log.warning(
-                "checkpoint of step %d failed, training goes on: %s", state.global_step, exc
-            )
+            self._on_save_error(exc)
             return None
         on_saved()
         return path
+
+    def finish(self) -> None:
+        """Wait for the save in flight (async); apply ``on_save_error`` to its failure."""
+        try:
+            self.manager.wait()
+        except CheckpointSaveError as exc:
+            self._on_save_error(exc)
+
+    def _on_save_error(self, exc: CheckpointSaveError) -> None:
+        if self.config.training.checkpoints.on_save_error == "stop":
+            raise CheckpointError(
+                f"{exc}\nThe run stops (training.checkpoints.on_save_error: stop); the "
+                "previous checkpoint is intact and the same command resumes from it."
+            ) from None
+        log.warning("checkpoint of step %d failed, training goes on: %s", exc.step, exc)
 
     def resume(
         self, state: TrainState, *, model: Any, optimizer: Any, lr_scheduler: Any, scaler: Any
@@ -152,28 +161,53 @@ class RunCheckpoints:
             scheduler=lr_scheduler,
             scaler=scaler,
             restore_rng=True,
+            # Before the weights: a changed model shape is config drift (exit 2, a diff), not
+            # a state_dict size mismatch.
+            before_load=self._check_drift,
         )
         if loaded is None:
             return None
         saved = loaded.trainer_state
-        self._check_drift(saved, loaded)
         restored = TrainState.from_dict(saved["train"])
+        self._carry_data_cursor(restored, saved)
         for field in vars(restored):
             setattr(state, field, getattr(restored, field))
         self.callbacks.load_state_dict(saved.get("callbacks", {}))
         log.info("resumed from %s (epoch %d, step %d)", loaded.path, state.epoch, state.global_step)
         return loaded
 
-    def _check_drift(self, saved: dict[str, Any], loaded: LoadedCheckpoint) -> None:
+    def _carry_data_cursor(self, restored: TrainState, saved: dict[str, Any]) -> None:
+        """Re-express the epoch cursor for a new world size or batch size.
+
+        The cursor counts micro-batches per rank; what is invariant is the number of sequences
+        all ranks have read, which must split evenly into the new micro-batches.
+        """
+        old_world = int(saved.get("world_size", self.world_size))
+        old_batch = int(saved.get("config", {}).get("training", {}).get("batch_size", 0))
+        new_batch = self.config.training.batch_size
+        if not old_batch or (old_world, old_batch) == (self.world_size, new_batch):
+            return
+        consumed = restored.batch_in_epoch * old_batch * old_world
+        per_micro = new_batch * self.world_size
+        if consumed % per_micro:
+            raise ConfigError(
+                f"the checkpoint is {consumed} sequences into epoch {restored.epoch}, which is "
+                f"not a whole number of micro-batches of {new_batch} x {self.world_size} "
+                "processes; pick training.batch_size so that batch_size x world size divides "
+                f"{consumed}, or resume at an epoch boundary"
+            )
+        restored.batch_in_epoch = consumed // per_micro
+
+    def _check_drift(self, saved: dict[str, Any], path: Path) -> None:
         current = self.config.to_dict()
         critical, benign = config_drift(saved.get("config", {}), current)
         if saved.get("world_size", self.world_size) != self.world_size:
             critical.append(f"world size: {saved['world_size']} -> {self.world_size}")
         for line in benign:
-            log.info("config changed since %s (allowed): %s", loaded.path.name, line)
+            log.info("config changed since %s (allowed): %s", path.name, line)
         if critical and not self.allow_config_change:
             raise ConfigError(
-                f"the run folder's checkpoint {loaded.path} was made with a different config; "
+                f"the run folder's checkpoint {path} was made with a different config; "
                 "resuming would not continue the same run:\n  "
                 + "\n  ".join(critical)
                 + "\nUse a new artifacts.experiment_name for a new run, or pass "

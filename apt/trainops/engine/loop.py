@@ -129,8 +129,8 @@ class TrainingLoop:
                     self.state.metrics["val_loss_initial"] = self.state.metrics["val_loss"]
             while not self._done():
                 self._run_epoch()
-            if not self.exit_requested:
-                self._finish()
+            if not self.exit_requested or self.state.finished:
+                self._finish()  # an exit request in the last step still ends the run
         except BaseException:
             self.fire(Event.EXCEPTION)
             raise
@@ -156,8 +156,10 @@ class TrainingLoop:
         while state.batch_in_epoch + plan.accumulation <= usable and not self._done():
             self._run_step(batches)
             self._control_point(end_of_epoch=False)
-        if state.batch_in_epoch < usable:
-            return  # left mid-epoch (max_steps, stop or exit request): the epoch did not end
+        if state.batch_in_epoch < usable or self.exit_requested:
+            # Left mid-epoch (max_steps, stop or exit request), or an exit saved at the epoch's
+            # last step: the resumed run ends the epoch (no second save of the same step).
+            return
         self.fire(Event.EPOCH_END)
         state.epoch += 1
         state.batch_in_epoch = 0
@@ -185,18 +187,7 @@ class TrainingLoop:
         self.fire(Event.STEP_START)
         micro = self._take(batches, plan.accumulation)
         counts = [self.task.count_targets(b) for b in micro]
-        # One small collective per step carries the target count and any exit request, so all
-        # ranks agree on both (a signal seen by one rank stops every rank at the same step).
-        agreed = self._sum_over_ranks(
-            torch.tensor(
-                [float(sum(counts)), float(self._local_exit)],
-                dtype=torch.float64,
-                device=self.device,
-            )
-        )
-        global_count, exits = float(agreed[0]), float(agreed[1])
-        if exits > 0:
-            self.exit_requested = True
+        global_count = float(self._sum_over_ranks(float(sum(counts))))
         if global_count <= 0:
             raise DataError(f"step {state.global_step}: the batches hold no targets to train on")
         # Weight each micro-batch by its share of the step's targets over all ranks; DDP then
@@ -220,7 +211,16 @@ class TrainingLoop:
         self._optimizer_step()
         state.global_step += 1
         state.tokens_seen += int(global_count)
-        state.last_loss = self._sum_over_ranks(loss_sum) / global_count
+        # The loss sum and any SIGTERM/SIGINT travel in one collective, so every rank agrees to
+        # stop at the end of this very step (a signal seen by one rank stops them all).
+        if self.world_size == 1:
+            state.last_loss = loss_sum / global_count
+            self.exit_requested = self.exit_requested or self._local_exit
+        else:
+            flag = torch.tensor(float(self._local_exit), device=self.device)
+            reduced = self._sum_over_ranks(torch.stack([loss_sum, flag]))
+            state.last_loss = reduced[0] / global_count
+            self.exit_requested = self.exit_requested or bool(reduced[1] > 0)
         state.lr = float(self.optimizer.param_groups[0]["lr"])
         self.fire(Event.STEP_END)
 
@@ -245,6 +245,11 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_scheduler.step()
 
+    def _exit_agreed(self) -> bool:
+        """Whether any rank received SIGTERM/SIGINT (one tiny collective when distributed)."""
+        flag = torch.tensor([float(self._local_exit)], dtype=torch.float64, device=self.device)
+        return float(self._sum_over_ranks(flag)[0]) > 0
+
     def _sum_over_ranks(self, value: Any) -> Any:
         if self.world_size == 1:
             return value
@@ -254,6 +259,8 @@ class TrainingLoop:
     def _control_point(self, *, end_of_epoch: bool) -> None:
         state, plan, control = self.state, self.plan, self.control
         step = state.global_step
+        if end_of_epoch and not self.exit_requested and self._exit_agreed():
+            self.exit_requested = True
         if not end_of_epoch and step >= plan.total_steps:
             state.finished = True
         due_eval = (

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -33,7 +32,7 @@ from apt.trainops.engine.precision import make_autocast, make_grad_scaler, seed_
 from apt.trainops.engine.signals import graceful_exit
 from apt.trainops.engine.state import TrainState
 from apt.trainops.engine.tasks import TASKS, TrainingTask
-from apt.trainops.eval import Evaluator
+from apt.trainops.eval import Evaluator, PaddedForRanks
 
 __all__ = ["Finetuner", "PreTrainer", "TrainResult", "Trainer"]
 
@@ -235,6 +234,9 @@ class Trainer:
                 eval_ds = eval_ds if eval_ds is not None else built_eval
             train_dl = self._loader(train_ds, cfg.training.batch_size, shuffle=cfg.data.shuffle)
         if eval_dl is None and eval_ds is not None:
+            world = self.env.world_size
+            if world > 1 and len(eval_ds) % world and self.task.can_pad:
+                eval_ds = PaddedForRanks(eval_ds, world, self.task.without_targets)
             eval_dl = self._loader(
                 eval_ds, cfg.eval.batch_size or cfg.training.batch_size, shuffle=False
             )
@@ -316,6 +318,10 @@ class Trainer:
     def _save(self, reason: str) -> None:
         loop = self._loop
         assert loop is not None
+        # The final model first: once the final checkpoint is committed a rerun only says
+        # "run already complete", so everything a finished run promises must exist by then.
+        if reason == "final" and self.config.artifacts.save_final_model:
+            self.export_model("final_model")
         if self.checkpoints is not None:
             self.checkpoints.save(
                 self.state,
@@ -325,8 +331,6 @@ class Trainer:
                 scaler=self.scaler,
                 on_saved=lambda: loop.fire(Event.CHECKPOINT_SAVE),
             )
-        if reason == "final" and self.config.artifacts.save_final_model:
-            self.export_model("final_model")
 
     def export_model(self, directory: str | Path) -> Path:
         """Write the trained model (``save_pretrained`` format for APT models) into
@@ -393,7 +397,6 @@ class Trainer:
         """Run training to the end (resuming from the run folder's newest checkpoint when
         ``training.auto_resume``) and return the result."""
         self.artifacts.prepare()
-        self.artifacts.save_config(self.config.to_dict(), self.config.provenance)
         loop = self._loop = TrainingLoop(
             self.plan,
             model=self.model,
@@ -416,10 +419,13 @@ class Trainer:
             with distributed_errors(f"training (rank {self.env.rank})"):
                 complete = self._resume(loop)
                 if not complete:
+                    # Only a run that trains records its config: a refused or finished rerun
+                    # leaves the run folder as it was.
+                    self.artifacts.save_config(self.config.to_dict(), self.config.provenance)
                     with graceful_exit(loop.request_exit):
                         loop.run()
                 if self.checkpoints is not None:
-                    self.checkpoints.manager.close()
+                    self.checkpoints.finish()
         finally:
             self.artifacts.close()
         metrics = dict(self.state.metrics)

@@ -81,7 +81,9 @@ class Evaluator:
                 batch = to_device(batch, self.device)
                 with self.autocast():
                     out = self.task.validation_step(self.model, batch, self.criterion)
-                _add(sums, "loss", out.loss.detach().double() * n)
+                # A batch of padding only has no targets (and a NaN mean): it adds nothing.
+                loss = out.loss.detach().double() * n if n else torch.zeros((), dtype=torch.float64)
+                _add(sums, "loss", loss)
                 _add(sums, "targets", torch.tensor(float(n), dtype=torch.float64))
                 for name, total in out.totals.items():
                     _add(sums, name, total.detach().double())

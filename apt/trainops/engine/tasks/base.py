@@ -79,6 +79,13 @@ class TrainingTask:
         """The loss function used by ``train_step`` / ``validation_step``."""
         raise NotImplementedError
 
+    #: ``without_targets`` is implemented: validation sets can be padded for even rank shards.
+    can_pad: ClassVar[bool] = False
+
+    def without_targets(self, sample: Any) -> Any:
+        """A copy of one dataset sample that contributes no loss term (padding)."""
+        raise NotImplementedError
+
     def count_targets(self, batch: Any) -> int:
         """Number of loss terms in ``batch`` (called on the CPU batch, no device sync)."""
         raise NotImplementedError

@@ -98,6 +98,15 @@ class CausalLMTask(TrainingTask):
 
         return cross_entropy
 
+    can_pad = True
+
+    def without_targets(self, sample: Any) -> Any:
+        """The sample with every label ignored (``-100``)."""
+        if isinstance(sample, dict):
+            return {**sample, "labels": torch.full_like(sample["input_ids"], IGNORE_INDEX)}
+        inputs, targets = sample
+        return inputs, torch.full_like(targets, IGNORE_INDEX)
+
     def count_targets(self, batch: Any) -> int:
         _, labels = split_batch(batch)
         return int((labels != IGNORE_INDEX).sum())
