@@ -1,7 +1,7 @@
 """DCP readers that never unpickle arbitrary objects from a checkpoint.
 
 torch.distributed.checkpoint stores its ``.metadata`` as a pickle and reads non-tensor values
-(optimizer hyper-parameters, parameter names) with ``torch.load(weights_only=False)``: loading a
+(optimizer hyper-parameters, parameter names) with an unrestricted ``torch.load``: loading a
 tampered checkpoint could run code. These two replacements keep DCP's formats and behaviour but
 accept only what a DCP checkpoint legitimately contains.
 """
