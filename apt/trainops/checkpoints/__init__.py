@@ -21,6 +21,7 @@ from apt.trainops.checkpoints.manifest import (
 from apt.trainops.checkpoints.payload import FullStatePayload, Payload
 from apt.trainops.checkpoints.retention import CheckpointInfo, RetentionPolicy, select_kept
 from apt.trainops.checkpoints.rng import capture_rng_state, restore_rng_state
+from apt.trainops.checkpoints.sharded import ShardedStatePayload
 
 __all__ = [
     "FORMAT_VERSION",
@@ -34,6 +35,7 @@ __all__ = [
     "Payload",
     "RetentionPolicy",
     "SaveStats",
+    "ShardedStatePayload",
     "StageFiles",
     "VerifiedCheckpoint",
     "capture_rng_state",

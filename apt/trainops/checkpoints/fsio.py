@@ -149,6 +149,11 @@ class StageFiles:
         """Write ``data`` to ``root/rel`` (see :meth:`write`)."""
         return self.write(rel, lambda fh: fh.write(data))
 
+    def add_records(self, records: dict[str, FileRecord]) -> None:
+        """Take the records of files written without :meth:`write` (another rank hashed them
+        as it wrote), so the manifest need not read them again."""
+        self.records.update(records)
+
     def all_records(self) -> dict[str, FileRecord]:
         """Every file under the stage folder; files written elsewhere are hashed from disk."""
         out: dict[str, FileRecord] = {}

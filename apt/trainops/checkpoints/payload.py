@@ -137,8 +137,16 @@ class FullStatePayload:
     def load(self, ckpt: VerifiedCheckpoint, objs: Objects, *, map_location: str) -> None:
         if objs.model is not None:
             path = ckpt.file(MODEL_FILE)
+            if path is None and ckpt.file("model/.metadata") is not None:
+                raise CheckpointError(
+                    f"{ckpt.path} is a sharded (DCP) checkpoint; load it with "
+                    "CheckpointManager(payload=ShardedStatePayload(strategy)), or read its "
+                    "weights with apt.trainops.distributed.state_io.read_dcp_tensors"
+                    f"('{ckpt.path / 'model'}')"
+                )
             if path is None:
                 raise CheckpointError(f"{ckpt.path} holds no {MODEL_FILE}")
+
             state, _ = read_safetensors(path, device=map_location)
             load_model_state(objs.model, state, str(path))
         for name, rel in _STATEFUL:

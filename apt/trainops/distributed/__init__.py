@@ -9,6 +9,7 @@ state-dict API); APT adds the configuration, the checks and the error messages.
 """
 
 from apt.trainops.distributed.collectives import (
+    SideChannel,
     all_reduce_mean,
     barrier,
     distributed_errors,
@@ -41,6 +42,7 @@ __all__ = [
     "DistEnv",
     "FSDPStrategy",
     "SafeFileSystemReader",
+    "SideChannel",
     "SingleStrategy",
     "Strategy",
     "all_reduce_mean",

@@ -11,6 +11,7 @@ import functools
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import ParamSpec, TypeVar, overload
 
 import torch
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from apt.core.errors import DistributedError
 
 __all__ = [
+    "SideChannel",
     "all_reduce_mean",
     "barrier",
     "distributed_errors",
@@ -68,6 +70,28 @@ def barrier() -> None:
                 dist.barrier(device_ids=[torch.cuda.current_device()])
             else:
                 dist.barrier()
+
+
+class SideChannel:
+    """A gloo group of every rank, for collectives issued off the training thread.
+
+    An async checkpoint's barriers and DCP's coordination run in the writer thread; on the
+    group training uses they could interleave with the step's own collectives (and NCCL would
+    need them on the GPU). A group of their own keeps the two streams of collectives apart.
+
+    Collective to create: every rank builds it at the same point.
+
+    Args:
+        timeout_seconds: how long a barrier waits for a peer before failing.
+    """
+
+    def __init__(self, timeout_seconds: float) -> None:
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        with distributed_errors("a checkpoint barrier"):
+            dist.barrier(group=self.group)
 
 
 @overload

@@ -26,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -42,7 +43,10 @@ __all__ = [
     "gather_full_state",
     "load_dcp",
     "load_full_state",
+    "read_dcp_tensors",
     "save_dcp",
+    "sharded_state",
+    "write_dcp",
 ]
 
 StateDict = dict[str, Any]
@@ -210,32 +214,62 @@ def _files_under(*folders: Path) -> list[Path]:
     )
 
 
+def sharded_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[StateDict, StateDict]:
+    """This rank's model and optimizer state as DCP writes it, keyed by parameter name.
+
+    DTensor shards under FSDP, whole tensors otherwise; these are the live tensors, not copies.
+    The optimizer state is ``{}`` when ``optimizer`` is None.
+    """
+    model_sd = get_model_state_dict(model)
+    optim_sd = _optimizer_state(model, optimizer) if optimizer is not None else {}
+    return model_sd, optim_sd
+
+
 def save_dcp(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
 ) -> list[Path]:
     """Write ``path/model`` (and ``path/optim``) as DCP checkpoints, each rank its shard.
 
-    Collective. ``path`` must be one folder every rank sees (a shared filesystem across nodes).
+    Collective (over ``process_group``, default: the whole run). ``path`` must be one folder
+    every rank sees (a shared filesystem across nodes).
 
     Returns:
         Every file of the checkpoint (all ranks' shards and the ``.metadata`` files), sorted.
     """
     path = Path(path)
-    model_sd = get_model_state_dict(model)
-    _dcp_save(model_sd, path / "model")
+    model_sd, optim_sd = sharded_state(model, optimizer)
+    write_dcp(model_sd, path / "model", process_group=process_group)
     folders = [path / "model"]
     if optimizer is not None:
-        _dcp_save(_optimizer_state(model, optimizer), path / "optim")
+        write_dcp(optim_sd, path / "optim", process_group=process_group)
         folders.append(path / "optim")
     return _files_under(*folders)
 
 
-def _dcp_save(state: StateDict, folder: Path) -> None:
+def write_dcp(
+    state: StateDict, folder: Path, *, process_group: dist.ProcessGroup | None = None
+) -> None:
+    """``dcp.save`` of ``state`` into ``folder`` (each rank its shard; files fsynced).
+
+    Raises:
+        CheckpointError: any rank failed to write (names each rank's error).
+    """
     try:
         with warnings.catch_warnings():
             # DCP warns that it assumes one process when no process group runs: intended.
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a")
-            dcp.save(state, storage_writer=FileSystemWriter(folder), no_dist=not _distributed())
+            dcp.save(
+                state,
+                storage_writer=FileSystemWriter(folder),
+                process_group=process_group,
+                no_dist=not _distributed(),
+            )
     except CheckpointException as exc:  # a BaseException: `except Exception` would miss it
         raise CheckpointError(
             f"rank {_rank()}: writing {folder} failed ({_failures(exc)}). Check free space and "
@@ -252,10 +286,17 @@ def _failures(exc: CheckpointException) -> str:
     return "; ".join(parts)
 
 
-def load_dcp(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def load_dcp(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
     """Load a checkpoint written by :func:`save_dcp`, under any strategy and world size.
 
-    Collective. Gradients are cleared first (see :func:`load_full_state`).
+    Collective (over ``process_group``). Gradients are cleared first (see
+    :func:`load_full_state`).
 
     Raises:
         CheckpointError: a folder is missing, its metadata is not DCP's, or it does not hold
@@ -263,17 +304,45 @@ def load_dcp(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimize
     """
     path = Path(path)
     model_sd = get_model_state_dict(model)
-    _dcp_load(model_sd, path / "model")
+    _dcp_load(model_sd, path / "model", process_group)
     set_model_state_dict(model, model_sd)
     if optimizer is None:
         return
     optimizer.zero_grad(set_to_none=True)
     optim_sd = get_optimizer_state_dict(model, optimizer)
-    _dcp_load(optim_sd, path / "optim")
+    _dcp_load(optim_sd, path / "optim", process_group)
     set_optimizer_state_dict(model, optimizer, optim_sd)
 
 
-def _dcp_load(state: StateDict, folder: Path) -> None:
+def read_dcp_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the DCP checkpoint in ``folder``, whole, on the CPU, in this process.
+
+    For inspection and export (a sharded checkpoint's ``model/`` folder gives the model's
+    weights by parameter name); needs no process group and no model.
+
+    Raises:
+        CheckpointError: ``folder`` holds no DCP checkpoint, or its metadata is not DCP's.
+    """
+    folder = Path(folder)
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder} holds no DCP checkpoint (no .metadata file).")
+    metadata = SafeFileSystemReader(folder).read_metadata()
+    state: StateDict = {
+        fqn: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for fqn, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    _dcp_load(state, folder, None, no_dist=True)
+    return state
+
+
+def _dcp_load(
+    state: StateDict,
+    folder: Path,
+    process_group: dist.ProcessGroup | None,
+    *,
+    no_dist: bool | None = None,
+) -> None:
     if not (folder / ".metadata").is_file():
         raise CheckpointError(
             f"rank {_rank()}: {folder} holds no DCP checkpoint (no .metadata file)."
@@ -285,7 +354,8 @@ def _dcp_load(state: StateDict, folder: Path) -> None:
                 state,
                 storage_reader=SafeFileSystemReader(folder),
                 planner=SafeLoadPlanner(),
-                no_dist=not _distributed(),
+                process_group=process_group,
+                no_dist=not _distributed() if no_dist is None else no_dist,
             )
     except CheckpointException as exc:
         raise CheckpointError(

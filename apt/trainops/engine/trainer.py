@@ -14,9 +14,14 @@ from torch.utils.data import DataLoader, Dataset
 from apt.core.config import APTConfig, config_from_dict
 from apt.core.errors import ConfigError, DataError
 from apt.trainops.artifacts import ArtifactManager
-from apt.trainops.checkpoints import CheckpointManager, GatheredStatePayload
+from apt.trainops.checkpoints import (
+    CheckpointManager,
+    GatheredStatePayload,
+    Payload,
+    ShardedStatePayload,
+)
 from apt.trainops.distributed import (
-    barrier,
+    SideChannel,
     build_strategy,
     distributed_errors,
     setup_distributed,
@@ -344,14 +349,22 @@ class Trainer:
 
     def _build_checkpoints(self, allow_config_change: bool) -> RunCheckpoints:
         ckpt_cfg = self.config.training.checkpoints
+        side = None
+        if self.env.world_size > 1:
+            side = SideChannel(self.config.training.distributed.timeout_seconds)
+        payload: Payload = (
+            ShardedStatePayload(self.strategy, side.group if side else None)
+            if self.strategy.sharded
+            else GatheredStatePayload(self.strategy)
+        )
         manager = CheckpointManager(
             ckpt_cfg,
             save_dir=self.run_dir / ckpt_cfg.directory,
             is_writer=self.env.is_main,
-            barrier=barrier if self.env.world_size > 1 else None,
+            barrier=side.barrier if side else None,
             rank=self.env.rank,
             world_size=self.env.world_size,
-            payload=GatheredStatePayload(self.strategy),
+            payload=payload,
         )
         return RunCheckpoints(
             self.config,

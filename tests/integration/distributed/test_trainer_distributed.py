@@ -204,6 +204,7 @@ def chains(work: Path) -> dict:
     for name, segments in CHAINS.items():
         run_dir = work / "runs" / name
         saved: list = []  # (step, checkpoint weights, final_model weights) per segment
+        formats: list = []  # (strategy, files of its last checkpoint) per segment
         hops = []
         for i, (kind, steps) in enumerate(segments):
             dump = work / f"{name}-{i}.loaded.safetensors"
@@ -214,8 +215,27 @@ def chains(work: Path) -> dict:
             elif kind == "fsdp":
                 shutil.copytree(run_dir, work / "runs" / "fewer-ranks")
             saved.append((steps, tr.checkpoint_weights(run_dir, steps), tr.final_weights(run_dir)))
-        out[name] = {"run_dir": run_dir, "hops": hops}
+            formats.append((kind, tr.checkpoint_files(run_dir, steps)))
+        out[name] = {"run_dir": run_dir, "hops": hops, "formats": formats}
     return out
+
+
+def test_fsdp_saves_shards_with_dcp_and_the_others_a_gathered_state(chains: dict) -> None:
+    """FSDP: each rank's DCP shard in model/ and optim/, no gathered copy; DDP and one process:
+    the gathered safetensors. Every file is in the manifest either way."""
+    sharded = {"model/.metadata", "model/__0_0.distcp", "model/__1_0.distcp", "optim/.metadata"}
+    sharded |= {"optim/__0_0.distcp", "optim/__1_0.distcp"}
+    gathered = {"model/model.safetensors", "optim/optimizer.pt", "optim/optimizer.safetensors"}
+    seen = set()
+    for chain in chains.values():
+        for kind, files in chain["formats"]:
+            assert {"rng/rank-00000.json", "trainer_state.json"} <= files
+            if kind == "fsdp":
+                assert sharded <= files and not files & gathered, sorted(files)
+            else:
+                assert gathered <= files and not any(f.endswith(".distcp") for f in files)
+            seen.add(kind)
+    assert seen == {"fsdp", "ddp", "single"}
 
 
 @pytest.mark.parametrize("chain", list(CHAINS))

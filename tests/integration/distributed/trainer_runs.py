@@ -22,6 +22,8 @@ import torch
 from dist_launch import free_port, worker_env
 from safetensors.torch import load_file
 
+from apt.trainops.distributed.state_io import read_dcp_tensors
+
 HERE = Path(__file__).resolve().parent
 RUN_TIMEOUT_S = 120  # one CLI run; the longest takes ~10 s on 2 cores
 
@@ -248,9 +250,22 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_weights(run_dir / "final_model" / "model.safetensors")
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:09d}"
+
+
 def checkpoint_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    path = run_dir / "checkpoints" / f"step-{step:09d}" / "model" / "model.safetensors"
-    return read_weights(path)
+    """The model weights of a checkpoint, gathered (safetensors) or sharded (DCP) alike."""
+    folder = checkpoint_dir(run_dir, step) / "model"
+    if (folder / ".metadata").is_file():
+        return read_dcp_tensors(folder)
+    return read_weights(folder / "model.safetensors")
+
+
+def checkpoint_files(run_dir: Path, step: int) -> set[str]:
+    """The files a checkpoint's manifest lists."""
+    manifest = json.loads((checkpoint_dir(run_dir, step) / "MANIFEST.json").read_text())
+    return set(manifest["files"])
 
 
 def latest(run_dir: Path) -> str:

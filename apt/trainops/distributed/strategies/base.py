@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -28,6 +29,7 @@ from apt.trainops.distributed.state_io import (
     load_dcp,
     load_full_state,
     save_dcp,
+    sharded_state,
 )
 
 __all__ = ["STRATEGIES", "Strategy", "build_strategy", "unwrap_model"]
@@ -64,7 +66,7 @@ class Strategy:
     Attributes:
         name: the registry name (``single``, ``ddp``, ``fsdp``).
         sharded: parameters are DTensor shards (FSDP inside a process group), so a full state
-            needs a gather and the checkpoint should be written with :meth:`save_sharded`.
+            needs a gather, and checkpoints are written shard by shard with DCP.
     """
 
     name: ClassVar[str] = ""
@@ -126,17 +128,34 @@ class Strategy:
         """Load full states (on every rank, or on rank 0 only: then broadcast). Collective."""
         load_full_state(model, optimizer, model_sd, optim_sd)
 
+    def sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[StateDict, StateDict]:
+        """This rank's model and optimizer state as DCP writes it (DTensor shards when
+        sharded); the live tensors, keyed by parameter name."""
+        return sharded_state(model, optimizer)
+
     def save_sharded(
-        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
     ) -> list[Path]:
         """Write ``path/model`` and ``path/optim`` with DCP; return every file written."""
-        return save_dcp(path, model, optimizer)
+        return save_dcp(path, model, optimizer, process_group=process_group)
 
     def load_sharded(
-        self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+        self,
+        path: str | Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         """Load what :meth:`save_sharded` wrote, whatever strategy and world size wrote it."""
-        load_dcp(path, model, optimizer)
+        load_dcp(path, model, optimizer, process_group=process_group)
 
     def sampler_rank_world(self) -> tuple[int, int]:
         """(this rank's data shard, number of data shards) for the sampler."""

@@ -1,0 +1,137 @@
+"""``ShardedStatePayload``: each rank writes its own shard through torch.distributed.checkpoint.
+
+Under a sharded strategy (FSDP2) no rank holds, or gathers, the full state. Each rank writes the
+shards it owns into two DCP folders of the stage folder, inside the same transaction (stage,
+manifest, rename, LATEST) as every other checkpoint::
+
+    model/.metadata  model/__<rank>_0.distcp ...   parameters and buffers, by parameter name
+    optim/.metadata  optim/__<rank>_0.distcp ...   optimizer state, by parameter name
+    optim/scheduler.pt, optim/scaler.pt            written by the writer rank (small, replicated)
+
+Each rank hashes the shard files it wrote and sends the records to the writer, so building the
+manifest reads no shard a second time; the manifest lists every file, and a load verifies them
+all before DCP reads one. DCP reshards on load: the checkpoint of FSDP on two ranks resumes
+under FSDP on four, under DDP, or in one process, and a gathered checkpoint loads here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from apt.trainops.checkpoints.fsio import FileRecord, StageFiles, hash_file
+from apt.trainops.checkpoints.gathered import (
+    load_strategy_state,
+    snapshot_others,
+    write_others,
+)
+from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
+from apt.trainops.checkpoints.payload import Objects
+from apt.trainops.checkpoints.tensorio import SnapshotBuffers
+from apt.trainops.distributed.state_io import write_dcp
+
+__all__ = ["ShardedStatePayload", "stage_shards"]
+
+_FOLDERS = (("model", "model"), ("optim", "optimizer"))
+
+
+class ShardedStatePayload:
+    """Writes this rank's shards with DCP; loads sharded or gathered checkpoints.
+
+    Args:
+        strategy: the run's :class:`~apt.trainops.distributed.Strategy` (its
+            ``sharded_state_dict`` and ``load_sharded``).
+        process_group: the group DCP coordinates over. An async save runs DCP in the writer
+            thread, so give it a group of its own (``dist.new_group(backend="gloo")``), as for
+            the manager's barrier; None: the default group.
+    """
+
+    def __init__(self, strategy: Any, process_group: dist.ProcessGroup | None = None) -> None:
+        self.strategy = strategy
+        self.group = process_group
+
+    def snapshot(self, objs: Objects, *, buffers: SnapshotBuffers | None, is_writer: bool) -> Any:
+        model_sd, optim_sd = self.strategy.sharded_state_dict(objs.model, objs.optimizer)
+        snap: dict[str, Any] = {"model": stage_shards(model_sd, "model", buffers)}
+        if objs.optimizer is not None:
+            snap["optimizer"] = stage_shards(optim_sd, "optimizer", buffers)
+        snap["others"] = snapshot_others(objs, buffers) if is_writer else {}
+        return snap
+
+    def write(self, files: StageFiles, snap: Any, *, is_writer: bool) -> None:
+        rank = dist.get_rank(self.group) if _distributed() else 0
+        for folder, key in _FOLDERS:
+            if key in snap:
+                write_dcp(snap[key], files.root / folder, process_group=self.group)
+        mine = _records_of_rank(files.root, rank)
+        everyone = _gather_to_writer(mine, self.group)
+        if is_writer:
+            files.add_records(everyone)
+            write_others(files, snap["others"])
+
+    def load(self, ckpt: VerifiedCheckpoint, objs: Objects, *, map_location: str) -> None:
+        load_strategy_state(
+            ckpt, objs, self.strategy, map_location=map_location, process_group=self.group
+        )
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def stage_shards(state: Any, what: str, buffers: SnapshotBuffers | None, path: str = "") -> Any:
+    """``state`` with every tensor (a DTensor's local shard too) copied into ``buffers``.
+
+    Without buffers (a sync save: training waits while DCP writes) the live tensors are kept.
+    A staged DTensor keeps its mesh and placements around a CPU shard, which is all DCP needs.
+    """
+    if buffers is None:
+        return state
+    if isinstance(state, DTensor):
+        local = buffers.copy(f"{what}/{path}", state.to_local())
+        return DTensor.from_local(
+            local,
+            state.device_mesh,
+            state.placements,
+            run_check=False,
+            shape=state.shape,
+            stride=state.stride(),
+        )
+    if isinstance(state, torch.Tensor):
+        return buffers.copy(f"{what}/{path}", state)
+    if isinstance(state, dict):
+        return {k: stage_shards(v, what, buffers, f"{path}/{k}") for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(
+            stage_shards(v, what, buffers, f"{path}/{i}") for i, v in enumerate(state)
+        )
+    return state
+
+
+def _records_of_rank(root: Path, rank: int) -> dict[str, FileRecord]:
+    """Size and sha256 of the DCP shard files ``rank`` wrote (DCP names them ``__<rank>_*``)."""
+    return {
+        path.relative_to(root).as_posix(): hash_file(path)
+        for folder, _ in _FOLDERS
+        for path in sorted((root / folder).glob(f"__{rank}_*"))
+    }
+
+
+def _gather_to_writer(
+    records: dict[str, FileRecord], group: dist.ProcessGroup | None
+) -> dict[str, FileRecord]:
+    """Every rank's records, on the group's first rank (``{}`` elsewhere)."""
+    if not _distributed() or dist.get_world_size(group) == 1:
+        return records
+    first = dist.get_global_rank(group, 0) if group is not None else 0
+    is_first = dist.get_rank() == first
+    out: list[Any] = [None] * dist.get_world_size(group) if is_first else []
+    dist.gather_object(records, out if is_first else None, dst=first, group=group)
+    merged: dict[str, FileRecord] = {}
+    for part in out:
+        merged.update(part or {})
+    return merged
