@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from apt import load_profile
+from apt.trainops.engine import Callback, Control, RunState, Trainer
 
 _sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-from apt.trainops.engine import Callback, Control, RunState, Trainer
 
 
 class Timer(Callback):
