@@ -4,10 +4,12 @@ This is the only environment read in :mod:`apt.trainops.checkpoints`, and it exi
 only (the fault-injection suite kills real runs at the points below). Normal runs never set it.
 
 ``APT_FAULT_INJECT`` holds one or more comma-separated points, each optionally ``@<step>`` so it
-fires only while saving that step::
+fires only while saving that step, and ``:<rank>`` so it fires only in the process whose
+``RANK`` (set by torchrun) is that rank::
 
     APT_FAULT_INJECT=kill_before_rename@1200
     APT_FAULT_INJECT=enospc_on_write
+    APT_FAULT_INJECT=enospc_on_write@10:1
 
 Points:
     kill_before_manifest: every payload file is written and fsynced, the manifest is not.
@@ -43,13 +45,16 @@ POINTS = (
 
 
 def fault_armed(point: str, step: int) -> bool:
-    """True when ``APT_FAULT_INJECT`` names ``point`` for ``step`` (or for every step)."""
+    """True when ``APT_FAULT_INJECT`` names ``point`` for ``step`` (or for every step) and for
+    this process's rank (or for every rank)."""
     spec = os.environ.get(ENV_VAR, "")
     if not spec:
         return False
+    rank = int(os.environ.get("RANK", "0"))
     for item in spec.split(","):
-        name, _, at = item.strip().partition("@")
-        if name == point and (not at or int(at) == step):
+        item, _, on_rank = item.strip().partition(":")
+        name, _, at = item.partition("@")
+        if name == point and (not at or int(at) == step) and (not on_rank or int(on_rank) == rank):
             return True
     return False
 

@@ -111,6 +111,11 @@ class CheckpointManager:
         barrier: blocks until every rank reaches it; None in a single process. With
             ``async_save`` it is called from the writer thread, so back it by a process group
             of its own (``dist.new_group(backend="gloo")``), not the one training uses.
+        agree: ``agree(ok) -> all ranks ok``, a barrier that also tells every rank whether all
+            of them succeeded (:class:`~apt.trainops.distributed.SideChannel` has one). Given,
+            the writer commits only when every rank wrote its files, and every rank raises
+            when the save failed anywhere, so all ranks apply the same error policy. Without
+            it (threads in tests) a rank knows only its own failure.
         rank: this process's rank (names its RNG file).
         world_size: number of processes; the writer checks every rank's RNG file is present.
         payload: the state format (default :class:`FullStatePayload`; a sharded payload plugs in
@@ -130,6 +135,7 @@ class CheckpointManager:
         save_dir: str | Path | None = None,
         is_writer: bool = True,
         barrier: Callable[[], None] | None = None,
+        agree: Callable[[bool], bool] | None = None,
         rank: int = 0,
         world_size: int = 1,
         payload: Payload | None = None,
@@ -146,6 +152,7 @@ class CheckpointManager:
             milestone_interval=self.cfg.milestone_interval,
         )
         self._barrier_fn = barrier
+        self._agree_fn = agree
         self._payload: Payload = payload or FullStatePayload()
         self._buffers = SnapshotBuffers()
         self._lock = threading.Lock()  # commit, retention and recovery never overlap
@@ -289,6 +296,13 @@ class CheckpointManager:
         if self._barrier_fn is not None:
             self._barrier_fn()
 
+    def _agree(self, ok: bool) -> bool:
+        """A barrier; True when every rank passed ``ok`` (only this rank's without ``agree``)."""
+        if self._agree_fn is None:
+            self._barrier()
+            return ok
+        return self._agree_fn(ok)
+
     def _persist(self, job: _SaveJob, *, in_background: bool) -> None:
         """stage -> write_payload -> commit, with the same barriers on every rank."""
         files = StageFiles(
@@ -300,13 +314,15 @@ class CheckpointManager:
                 self.begin(job.step)
         except BaseException as exc:
             error = exc
-        self._barrier()  # the stage folder exists before any rank writes into it
+        if not self._agree(error is None):  # the stage folder exists before anyone writes
+            error = error or self._peer_failed(job.step, "creating the stage folder")
         if error is None:
             try:
                 self.write_payload(files, job)
             except BaseException as exc:
                 error = exc
-        self._barrier()  # every rank's files are on disk
+        if not self._agree(error is None):  # every rank's files are on disk
+            error = error or self._peer_failed(job.step, "writing its files")
         if error is None and self.is_writer:
             try:
                 self.commit(files, metrics=job.metrics)
@@ -314,7 +330,8 @@ class CheckpointManager:
                 error = exc
         if error is not None and self.is_writer:
             self.abort(files.root)
-        self._barrier()  # the checkpoint is committed (or abandoned) for every rank
+        if not self._agree(error is None):  # committed (or abandoned) for every rank
+            error = error or self._peer_failed(job.step, "committing")
         if error is not None:
             raise self._save_error(error, job.step)
         total = time.perf_counter() - job.started
@@ -329,6 +346,14 @@ class CheckpointManager:
                 total,
                 blocking,
             )
+
+    def _peer_failed(self, step: int, what: str) -> CheckpointSaveError:
+        return CheckpointSaveError(
+            f"saving the checkpoint of step {step} failed on another rank ({what}; that "
+            "rank's log says why). Nothing was committed; LATEST still names the previous one.",
+            step=step,
+            path=stage_dir(self.save_dir, step),
+        )
 
     def _save_error(self, error: BaseException, step: int) -> BaseException:
         if isinstance(error, CheckpointSaveError) or not isinstance(error, Exception):

@@ -93,6 +93,13 @@ class SideChannel:
         with distributed_errors("a checkpoint barrier"):
             dist.barrier(group=self.group)
 
+    def agree(self, ok: bool) -> bool:
+        """A barrier that returns True when every rank passed ``ok=True``."""
+        flag = torch.tensor([int(ok)], dtype=torch.int64)
+        with distributed_errors("a checkpoint barrier"):
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
 
 @overload
 def all_reduce_mean(x: float) -> float: ...

@@ -362,6 +362,8 @@ class Trainer:
             save_dir=self.run_dir / ckpt_cfg.directory,
             is_writer=self.env.is_main,
             barrier=side.barrier if side else None,
+            agree=side.agree if side else None,
+
             rank=self.env.rank,
             world_size=self.env.world_size,
             payload=payload,

@@ -372,3 +372,67 @@ def test_rank_that_dies_stops_a_single_node_launch(work: Path) -> None:
     assert done.returncode == 1, done.output[-4000:]
     assert "error: training processes failed (rank 1: exit code 1" in done.output
     assert done.seconds < 30
+
+
+# ---- 6. a checkpoint save that fails on one rank -------------------------------------------
+# Disk full (injected) while saving step 10, on the writer (rank 0) or on rank 1 only. The
+# ranks agree on the outcome of every save, so both apply training.checkpoints.on_save_error
+# the same way: `stop` ends both with the save error (not one with it and the other with "a
+# peer stopped answering"), nothing of step 10 is committed, and the same command resumes
+# from step 5 and ends equal to the uninterrupted DDP run. Two one-rank "nodes", so torchrun
+# cannot stop the healthy rank for us.
+def _two_nodes(work: Path, name: str, *sets: str, **env: str) -> list[tr.Finished]:
+    port = tr.free_port()
+    procs = [
+        tr.start(tr.launch_cmd(name, "ddp", *sets, port=port, nnodes=2, node_rank=r), work, **env)
+        for r in (0, 1)
+    ]
+    started = time.monotonic()
+    return [tr.finish(proc, started) for proc in procs]
+
+
+@pytest.fixture(scope="module", params=["writer", "other"])
+def save_error_stop(request: pytest.FixtureRequest, work: Path, ddp: tr.Finished) -> dict:
+    rank = {"writer": 0, "other": 1}[request.param]
+    name = f"enospc-{request.param}"
+    nodes = _two_nodes(work, name, tr.FAULT_HOOK, APT_FAULT_INJECT=f"enospc_on_write@10:{rank}")
+    latest = tr.latest(work / "runs" / name)
+    rerun = _two_nodes(work, name, tr.FAULT_HOOK)
+    return {"nodes": nodes, "latest": latest, "rerun": rerun, "run_dir": work / "runs" / name}
+
+
+def test_save_error_on_one_rank_stops_every_rank_with_it(save_error_stop: dict) -> None:
+    for node in save_error_stop["nodes"]:
+        out = node.output[-6000:]
+        assert node.returncode == 1, out
+        assert "the checkpoint of step 10" in out, out
+
+
+        assert "on_save_error: stop" in out, out
+        assert "stopped answering" not in out, out
+    failed_elsewhere = [n for n in save_error_stop["nodes"] if "failed on another rank" in n.output]
+    assert len(failed_elsewhere) == 1  # the healthy rank learned it from the agreement
+    assert save_error_stop["latest"] == "step-000000005"
+
+
+def test_save_error_then_same_command_ends_equal(save_error_stop: dict, work: Path) -> None:
+    for node in save_error_stop["rerun"]:
+        node.check()
+    assert "resumed from" in save_error_stop["rerun"][0].output
+    assert "step 5)" in save_error_stop["rerun"][0].output
+    got, ref = tr.final_weights(save_error_stop["run_dir"]), tr.final_weights(work / "runs" / "ddp")
+    assert tr.bitwise_equal(got, ref), tr.max_rel_diff(got, ref)
+
+
+def test_save_error_with_continue_goes_on_on_every_rank(work: Path, ddp: tr.Finished) -> None:
+    name = "enospc-continue"
+    sets = (tr.FAULT_HOOK, "training.checkpoints.on_save_error=continue")
+    nodes = _two_nodes(work, name, *sets, APT_FAULT_INJECT="enospc_on_write@10:1")
+    for node in nodes:
+        node.check()
+    assert "checkpoint of step 10 failed, training goes on" in nodes[0].output
+    run_dir = work / "runs" / name
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert kept == ["step-000000005", "step-000000015", "step-000000020"]
+    got, ref = tr.final_weights(run_dir), tr.final_weights(work / "runs" / "ddp")
+    assert tr.bitwise_equal(got, ref), tr.max_rel_diff(got, ref)

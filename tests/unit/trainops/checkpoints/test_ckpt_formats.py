@@ -90,8 +90,13 @@ def test_snapshot_copies_into_reused_buffers():
         ("kill_before_rename@5", "kill_before_rename", 6, False),
         ("enospc_on_write, kill_before_manifest@2", "kill_before_manifest", 2, True),
         ("", "kill_before_rename", 5, False),
+        ("enospc_on_write@5:1", "enospc_on_write", 5, True),  # this process is rank 1
+        ("enospc_on_write@5:0", "enospc_on_write", 5, False),
+        ("enospc_on_write:1", "enospc_on_write", 9, True),
     ],
 )
 def test_fault_spec(monkeypatch, spec, point, step, armed):
     monkeypatch.setenv("APT_FAULT_INJECT", spec)
+    monkeypatch.setenv("RANK", "1")
     assert fault_armed(point, step) is armed
+
