@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from apt.core.errors import ConfigError, DataError
-from apt.trainops.engine import Finetuner, Trainer
+from apt.trainops.engine import Callback, Control, Finetuner, RunState, Trainer
 
 
 class BigramLM(nn.Module):
@@ -161,3 +161,41 @@ def test_finetuner_defaults() -> None:
     finetuner = Finetuner(model=BigramLM(), train_dataset=PatternText(n=16), batch_size=8)
     t = finetuner.config.training
     assert (t.learning_rate, t.num_epochs) == (1e-5, 3)
+
+
+class CommitWatcher(Callback):
+    """Records, at each checkpoint_save, the step and whether its checkpoint is committed."""
+
+    def __init__(self, save_dir: Path) -> None:
+        self.save_dir = save_dir
+        self.seen: list[tuple[str, int, bool]] = []
+
+    def on_checkpoint_save(self, state: RunState, control: Control) -> None:
+        latest = (self.save_dir / "LATEST").read_text().strip()
+        committed = (self.save_dir / latest / "MANIFEST.json").is_file()
+        self.seen.append(("checkpoint_save", int(latest.removeprefix("step-")), committed))
+
+    def on_train_end(self, state: RunState, control: Control) -> None:
+        self.seen.append(("train_end", state.global_step, True))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_checkpoint_save_fires_once_per_commit_after_it(tmp_path: Path, async_save: bool) -> None:
+    from apt import load_profile
+
+    cfg = load_profile(
+        "cpu/tiny",
+        overrides=[
+            "training.max_steps=12",
+            "training.checkpoints.save_interval=4",
+            f"training.checkpoints.async_save={str(async_save).lower()}",
+            f"artifacts.output_dir={tmp_path}",
+            "data.max_corpus_bytes=20000",
+        ],
+    )
+    watcher = CommitWatcher(tmp_path / "tiny" / "checkpoints")
+    Trainer.from_config(cfg, callbacks=[watcher]).train()
+    saves = [s for s in watcher.seen if s[0] == "checkpoint_save"]
+    assert [step for _, step, _ in saves] == [4, 8, 12]  # each save once, in order
+    assert all(committed for _, _, committed in saves)
+    assert watcher.seen[-1][0] == "train_end"  # the final save is announced before train_end

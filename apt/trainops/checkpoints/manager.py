@@ -264,6 +264,11 @@ class CheckpointManager:
             self.last_save_blocking_seconds = time.perf_counter() - started
         return step_dir(self.save_dir, step)
 
+    @property
+    def busy(self) -> bool:
+        """An async save is still being written (``wait`` would block)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is committed; re-raise its error."""
         if self._thread is not None:

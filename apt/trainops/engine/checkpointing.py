@@ -97,6 +97,7 @@ class RunCheckpoints:
         self.callbacks = callbacks
         self.world_size = world_size
         self.allow_config_change = allow_config_change
+        self._announce: Callable[[], None] | None = None  # on_saved of the async save in flight
 
     def save(
         self,
@@ -133,15 +134,31 @@ class RunCheckpoints:
         except CheckpointSaveError as exc:
             self._on_save_error(exc)
             return None
-        on_saved()
+        if self.manager.cfg.async_save:
+            self._announce = on_saved  # once the background commit is done
+        else:
+            on_saved()
         return path
 
+    def poll(self) -> None:
+        """If the async save in flight has finished, report it (``on_saved``, or its error).
+
+        Never blocks; the loop calls it after every step.
+        """
+        if self._announce is not None and not self.manager.busy:
+            self.finish()
+
     def finish(self) -> None:
-        """Wait for the save in flight (async); apply ``on_save_error`` to its failure."""
+        """Wait for the save in flight (async); call its ``on_saved`` once committed, or apply
+        ``on_save_error`` to its failure."""
+        announce, self._announce = self._announce, None
         try:
             self.manager.wait()
         except CheckpointSaveError as exc:
             self._on_save_error(exc)
+            return
+        if announce is not None:
+            announce()
 
     def _on_save_error(self, exc: CheckpointSaveError) -> None:
         if self.config.training.checkpoints.on_save_error == "stop":

@@ -23,8 +23,10 @@ The loop, as pseudocode (``fire(e)`` calls ``on_<e>`` of every callback; events 
         <control point: eval at epoch end when eval.interval is unset, save, stop>
     fire(TRAIN_END)
 
-``CHECKPOINT_SAVE`` fires after a checkpoint is committed, ``CHECKPOINT_LOAD`` after a run resumed
-from one (before ``TRAIN_START``), and ``EXCEPTION`` when the loop is left by an exception.
+``CHECKPOINT_SAVE`` fires after a checkpoint is committed (with ``async_save``: at the first
+control point after the background commit finished, on each rank by itself, and always before
+``TRAIN_END`` for the final save), ``CHECKPOINT_LOAD`` after a run resumed from one (before
+``TRAIN_START``), and ``EXCEPTION`` when the loop is left by an exception.
 """
 
 from __future__ import annotations

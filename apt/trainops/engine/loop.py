@@ -76,6 +76,7 @@ class TrainingLoop:
         device: torch.device,
         state: TrainState,
         save: Callable[[str], None],
+        poll_saves: Callable[[], None] | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -85,6 +86,7 @@ class TrainingLoop:
         self.train_loader, self.evaluator, self.callbacks = train_loader, evaluator, callbacks
         self.strategy, self.device, self.state, self.save = strategy, device, state, save
         self.world_size = world_size
+        self.poll_saves = poll_saves
         self.criterion = task.build_criterion()
         self.control = Control()
         self.exit_requested = False  # agreed by every rank; the loop saves and leaves
@@ -259,6 +261,8 @@ class TrainingLoop:
     def _control_point(self, *, end_of_epoch: bool) -> None:
         state, plan, control = self.state, self.plan, self.control
         step = state.global_step
+        if self.poll_saves is not None:
+            self.poll_saves()  # an async checkpoint committed since: checkpoint_save fires now
         if end_of_epoch and not self.exit_requested and self._exit_agreed():
             self.exit_requested = True
         if not end_of_epoch and step >= plan.total_steps:

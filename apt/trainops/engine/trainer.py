@@ -336,6 +336,8 @@ class Trainer:
                 scaler=self.scaler,
                 on_saved=lambda: loop.fire(Event.CHECKPOINT_SAVE),
             )
+            if reason != "interval":  # the run ends after this save: wait for its commit
+                self.checkpoints.finish()
 
     def export_model(self, directory: str | Path) -> Path:
         """Write the trained model (``save_pretrained`` format for APT models) into
@@ -363,7 +365,6 @@ class Trainer:
             is_writer=self.env.is_main,
             barrier=side.barrier if side else None,
             agree=side.agree if side else None,
-
             rank=self.env.rank,
             world_size=self.env.world_size,
             payload=payload,
@@ -427,6 +428,7 @@ class Trainer:
             device=self.device,
             state=self.state,
             save=self._save,
+            poll_saves=self.checkpoints.poll if self.checkpoints is not None else None,
             rank=self.env.rank,
             world_size=self.env.world_size,
         )

@@ -407,7 +407,6 @@ def test_save_error_on_one_rank_stops_every_rank_with_it(save_error_stop: dict) 
         assert node.returncode == 1, out
         assert "the checkpoint of step 10" in out, out
 
-
         assert "on_save_error: stop" in out, out
         assert "stopped answering" not in out, out
     failed_elsewhere = [n for n in save_error_stop["nodes"] if "failed on another rank" in n.output]

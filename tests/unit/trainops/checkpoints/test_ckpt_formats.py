@@ -99,4 +99,3 @@ def test_fault_spec(monkeypatch, spec, point, step, armed):
     monkeypatch.setenv("APT_FAULT_INJECT", spec)
     monkeypatch.setenv("RANK", "1")
     assert fault_armed(point, step) is armed
-
