@@ -9,6 +9,11 @@ Run under torchrun (or ``python -m apt launch``); rank 0 appends one JSON line t
 Each process trains ``--steps`` optimizer steps of the profile (its micro-batch per GPU, so this
 is weak scaling); steps after ``--warmup`` (compilation, allocator warm-up) are timed.
 Scaling efficiency = tokens/s on N GPUs / (N x tokens/s on 1 GPU).
+
+``--timing window`` (default) synchronises the device once before the first timed step and once
+after the last: the throughput a run gets, host and device overlapping as they do in training.
+``--timing step`` synchronises around every step and reports the median step (the method of the
+results recorded before 2026-12; it hides host work that overlaps the device).
 """
 
 from __future__ import annotations
@@ -28,17 +33,35 @@ _sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
 
 class Timer(Callback):
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.times, self._t = warmup, [], 0.0
+    """Seconds per step after ``warmup`` steps: the median of synchronised steps (``step``),
+    or one window over every timed step (``window``)."""
+
+    def __init__(self, warmup: int, mode: str) -> None:
+        self.warmup, self.mode = warmup, mode
+        self.times: list[float] = []
+        self._t = 0.0
+        self._window: tuple[float, int] | None = None
 
     def on_step_start(self, state: RunState, control: Control) -> None:
-        _sync()
-        self._t = time.perf_counter()
+        if self.mode == "step" or state.global_step == self.warmup:
+            _sync()
+            self._t = time.perf_counter()
+            self._window = (self._t, state.global_step)
 
     def on_step_end(self, state: RunState, control: Control) -> None:
-        _sync()
-        if state.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._t)
+        if self.mode == "step":
+            _sync()
+            if state.global_step > self.warmup:
+                self.times.append(time.perf_counter() - self._t)
+        elif state.global_step == state.max_steps and self._window is not None:
+            _sync()  # the window ends with the last step, before the final eval and save
+            start, first = self._window
+            steps = state.global_step - first
+            self.times = [(time.perf_counter() - start) / steps] * steps
+
+    @property
+    def step_seconds(self) -> float:
+        return statistics.median(self.times)
 
 
 def main() -> None:
@@ -47,6 +70,7 @@ def main() -> None:
     parser.add_argument("--label", required=True)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--timing", choices=("window", "step"), default="window")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scaling.jsonl"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
@@ -62,7 +86,7 @@ def main() -> None:
         *args.overrides,
     ]
     cfg = load_profile(args.profile, overrides=overrides)
-    timer = Timer(args.warmup)
+    timer = Timer(args.warmup, args.timing)
     trainer = Trainer.from_config(cfg, callbacks=[timer])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -78,7 +102,7 @@ def main() -> None:
     peak = torch.tensor(peak_bytes / 2**30, device=trainer.device)
     if world > 1:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    step_s = statistics.median(timer.times)
+    step_s = timer.step_seconds
     result = {
         "label": args.label,
         "profile": args.profile,
@@ -94,6 +118,7 @@ def main() -> None:
         "tokens_per_s_per_gpu": round(tokens_per_step / step_s / world),
         "peak_memory_gib": round(float(peak), 2),
         "timed_steps": len(timer.times),
+        "timing": args.timing,
     }
     if trainer.env.is_main:
         args.out.parent.mkdir(parents=True, exist_ok=True)

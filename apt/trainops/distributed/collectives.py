@@ -73,11 +73,13 @@ def barrier() -> None:
 
 
 class SideChannel:
-    """A gloo group of every rank, for collectives issued off the training thread.
+    """A gloo group of every rank, for host-side collectives kept apart from training's.
 
-    An async checkpoint's barriers and DCP's coordination run in the writer thread; on the
-    group training uses they could interleave with the step's own collectives (and NCCL would
-    need them on the GPU). A group of their own keeps the two streams of collectives apart.
+    Two uses: an async checkpoint's barriers and DCP's coordination run in the writer thread,
+    where on the training group they could interleave with the step's own collectives; and the
+    loop's per-step host numbers (target counts, the stop flag), which over NCCL would make
+    the host wait for the device every step. Give each use its own channel: collectives from
+    two threads must not share a group.
 
     Collective to create: every rank builds it at the same point.
 
@@ -92,6 +94,15 @@ class SideChannel:
         """Wait until every rank gets here."""
         with distributed_errors("a checkpoint barrier"):
             dist.barrier(group=self.group)
+
+    def sum(self, value: float) -> float:
+        """``value`` summed over every rank, on the host: it never waits for a device.
+
+        c10d errors propagate as they are (wrap the caller in :func:`distributed_errors`).
+        """
+        total = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(total, group=self.group)
+        return float(total.item())
 
     def agree(self, ok: bool) -> bool:
         """A barrier that returns True when every rank passed ``ok=True``."""

@@ -77,6 +77,7 @@ class TrainingLoop:
         state: TrainState,
         save: Callable[[str], None],
         poll_saves: Callable[[], None] | None = None,
+        host_sum: Callable[[float], float] | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -87,6 +88,7 @@ class TrainingLoop:
         self.strategy, self.device, self.state, self.save = strategy, device, state, save
         self.world_size = world_size
         self.poll_saves = poll_saves
+        self.host_sum = host_sum
         self.criterion = task.build_criterion()
         self.control = Control()
         self.exit_requested = False  # agreed by every rank; the loop saves and leaves
@@ -189,7 +191,7 @@ class TrainingLoop:
         self.fire(Event.STEP_START)
         micro = self._take(batches, plan.accumulation)
         counts = [self.task.count_targets(b) for b in micro]
-        global_count = float(self._sum_over_ranks(float(sum(counts))))
+        global_count = self._sum_host(float(sum(counts)))
         if global_count <= 0:
             raise DataError(f"step {state.global_step}: the batches hold no targets to train on")
         # Weight each micro-batch by its share of the step's targets over all ranks; DDP then
@@ -213,16 +215,11 @@ class TrainingLoop:
         self._optimizer_step()
         state.global_step += 1
         state.tokens_seen += int(global_count)
-        # The loss sum and any SIGTERM/SIGINT travel in one collective, so every rank agrees to
-        # stop at the end of this very step (a signal seen by one rank stops them all).
-        if self.world_size == 1:
-            state.last_loss = loss_sum / global_count
-            self.exit_requested = self.exit_requested or self._local_exit
-        else:
-            flag = torch.tensor(float(self._local_exit), device=self.device)
-            reduced = self._sum_over_ranks(torch.stack([loss_sum, flag]))
-            state.last_loss = reduced[0] / global_count
-            self.exit_requested = self.exit_requested or bool(reduced[1] > 0)
+        # The loss stays on the device (read only when someone looks); whether any rank got
+        # SIGTERM/SIGINT is summed on the host, so every rank agrees to stop at the end of this
+        # very step without waiting for the device.
+        state.last_loss = self._sum_over_ranks(loss_sum) / global_count
+        self.exit_requested = self.exit_requested or self._exit_agreed()
         state.lr = float(self.optimizer.param_groups[0]["lr"])
         self.fire(Event.STEP_END)
 
@@ -248,14 +245,22 @@ class TrainingLoop:
         self.lr_scheduler.step()
 
     def _exit_agreed(self) -> bool:
-        """Whether any rank received SIGTERM/SIGINT (one tiny collective when distributed)."""
-        flag = torch.tensor([float(self._local_exit)], dtype=torch.float64, device=self.device)
-        return float(self._sum_over_ranks(flag)[0]) > 0
+        """Whether any rank received SIGTERM/SIGINT (one tiny host collective when
+        distributed)."""
+        return self._sum_host(float(self._local_exit)) > 0
 
     def _sum_over_ranks(self, value: Any) -> Any:
         if self.world_size == 1:
             return value
         return sum_over_ranks(value, self.device)
+
+    def _sum_host(self, value: float) -> float:
+        """Sum a host number over ranks; through ``host_sum`` it never waits for the device."""
+        if self.world_size == 1:
+            return value
+        if self.host_sum is not None:
+            return self.host_sum(value)
+        return float(sum_over_ranks(value, self.device))
 
     # ----------------------------------------------------------------------------- control
     def _control_point(self, *, end_of_epoch: bool) -> None:

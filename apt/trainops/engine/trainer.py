@@ -196,6 +196,9 @@ class Trainer:
 
         raw_model = model if model is not None else self.task.build_model(cfg.model)
         self.strategy = build_strategy(tcfg.distributed, env=self.env, precision=tcfg.precision)
+        self._host_channel = (
+            SideChannel(tcfg.distributed.timeout_seconds) if self.env.world_size > 1 else None
+        )
         # The strategy places the model: FSDP moves it shard by shard, so the whole model never
         # has to fit on one device.
         self.model = self.strategy.apply(raw_model)
@@ -429,6 +432,7 @@ class Trainer:
             state=self.state,
             save=self._save,
             poll_saves=self.checkpoints.poll if self.checkpoints is not None else None,
+            host_sum=self._host_channel.sum if self._host_channel is not None else None,
             rank=self.env.rank,
             world_size=self.env.world_size,
         )

@@ -96,21 +96,23 @@ class Strategy:
         """Skip gradient sync inside the block (all micro-batches of a step but the last)."""
         yield
 
-    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> float:
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Scale gradients so their global 2-norm is at most ``max_norm``; return the norm.
 
         The norm is over the whole model even when gradients are sharded (DTensor): each rank's
         partial norm is reduced across ranks before clipping. ``max_norm=inf`` only measures.
+        The norm is a 0-d tensor on the gradients' device, as torch's ``clip_grad_norm_``
+        returns it: reading it (``float(norm)``) waits for the device, so the loop does not.
         """
         params = [p for p in model.parameters() if p.grad is not None]
         if not params:
-            return 0.0
+            return torch.zeros(())
         grads = [p.grad for p in params]
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # type: ignore[arg-type]
         if isinstance(total, DTensor):
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return float(total)
+        return total
 
     def full_state_dict(
         self, model: nn.Module, optimizer: torch.optim.Optimizer | None
