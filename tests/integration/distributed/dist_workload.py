@@ -5,7 +5,8 @@ Shapes: B batch, T tokens, D width, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 
 import torch
@@ -23,6 +24,18 @@ MAX_NORM = 1.0
 TINY = ModelConfig(
     vocab_size=VOCAB, hidden_size=DIM, num_layers=BLOCKS, num_heads=HEADS, max_seq_len=SEQ
 )
+
+
+def held_barrier(barrier: Callable[[], None], release: threading.Event) -> Callable[[], None]:
+    """``barrier`` that, called off the main thread (an async checkpoint's writer), first waits
+    for ``release``: the test decides when the writer may write."""
+
+    def wait() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(60)
+        barrier()
+
+    return wait
 
 
 def make_model(seed: int = 0, cfg: ModelConfig = TINY) -> nn.Module:

@@ -46,16 +46,10 @@ def main() -> None:
     # An async save's writer thread waits at its first barrier until the next step has
     # changed every parameter: what it writes must be the state staged at save time.
     next_step_done = threading.Event()
-
-    def barrier() -> None:
-        if threading.current_thread() is not threading.main_thread():
-            next_step_done.wait(60)
-        side.barrier()
-
     manager = CheckpointManager(
         save_dir=args.save_dir,
         is_writer=env.is_main,
-        barrier=barrier,
+        barrier=wl.held_barrier(side.barrier, next_step_done),
         rank=env.rank,
         world_size=env.world_size,
         payload=ShardedStatePayload(strategy, side.group),

@@ -35,17 +35,14 @@ def main() -> None:
     opt = wl.make_optimizer(model)
     list(wl.train(model, opt, range(2), clip=strategy.clip_grad_norm_))
     side = SideChannel(60)
-    step_done = threading.Event()
-
-    def barrier() -> None:
-        if threading.current_thread() is not threading.main_thread():
-            step_done.wait(60)
-        side.barrier()
+    step_done = threading.Event()  # the writer waits for it: it writes after step 3 ran
 
     def manager() -> CheckpointManager:
-        payload = ShardedStatePayload(strategy, side.group)
         return CheckpointManager(
-            save_dir=save_dir, async_save=True, barrier=barrier, payload=payload
+            save_dir=save_dir,
+            async_save=True,
+            barrier=wl.held_barrier(side.barrier, step_done),
+            payload=ShardedStatePayload(strategy, side.group),
         )
 
     saving = manager()
