@@ -11,10 +11,12 @@ Global batch everywhere: 8 sequences per optimizer step (1 process x 8, or 2 ran
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -174,6 +176,38 @@ def test_sigkill_then_same_command_ends_bitwise_equal(killed: dict, work: Path) 
 def test_sigkill_of_the_launcher_group_ends_its_workers(killed: dict) -> None:
     assert len(killed["workers"]) == 2
     assert killed["orphans"] == [], "workers alive 1 s after the launcher group was killed"
+
+
+def test_elastic_restart_resumes_and_ends_equal(work: Path, ddp: tr.Finished) -> None:
+    """`launch --max-restarts 1`: rank 1 crashes after step 12 (checkpoint at 10); torchrun
+    restarts both workers, they resume from step 10 by themselves and the run ends as the
+    uninterrupted one did."""
+    cmd = tr.launch_cmd("elastic", "ddp", tr.FAULT_HOOK, launch_flags=("--max-restarts=1",))
+    done = tr.run(cmd, work, APT_TEST_FAULT="die:1@12").check()
+    assert "FAULT-HOOK rank 1: die after step 12" in done.output
+    assert "resumed from" in done.output and "step 10)" in done.output
+    run_dir, ref_dir = work / "runs" / "elastic", work / "runs" / "ddp"
+    assert tr.logged_steps(run_dir) == [*range(1, 13), *range(11, 21)]
+    got, ref = tr.final_weights(run_dir), tr.final_weights(ref_dir)
+    assert tr.bitwise_equal(got, ref), tr.max_rel_diff(got, ref)
+    assert tr.train_losses(run_dir) == tr.train_losses(ref_dir)
+
+
+def test_keyword_trainer_with_distributed_config(work: Path) -> None:
+    """`Trainer(model=m, train_dataset=d, distributed_config={'strategy': 'fsdp'})` under
+    torchrun: the user's own model is sharded, trains, and checkpoints as DCP shards."""
+    worker = tr.HERE / "keyword_trainer_worker.py"
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2"),
+        *("--master-addr=127.0.0.1", f"--master-port={tr.free_port()}", str(worker)),
+        str(work / "keywords"),
+    ]
+    done = tr.run(cmd, work).check()
+    got = json.loads(done.output.strip().splitlines()[-1])
+    assert (got["world_size"], got["strategy"], got["sharded"]) == (2, "fsdp", True)
+    assert got["global_step"] == 30
+    assert got["last_loss"] < got["first_loss"] - 1.0
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(got["checkpoint"])
 
 
 # ---- 3. resharding resume through the Trainer ---------------------------------------------

@@ -12,6 +12,8 @@ installs them in every rank. They touch nothing in ``apt/``:
                                   so that the test kills the job at a known step
 
   ``APT_TEST_FAULT_MARKER`` names the file written (with the step) just before sleeping or dying.
+  A fault fires in torchrun's first attempt only: after an elastic restart
+  (``TORCHELASTIC_RESTART_COUNT`` > 0) the same command runs clean.
 * :class:`LoadedWeights` writes, right after a resume, the weights the model holds (gathered
   from every rank, by parameter name) to ``path`` as safetensors: what was *loaded*, to compare
   bit for bit with what the checkpoint holds.
@@ -62,7 +64,7 @@ class FaultHook(Callback):
         self.marker = os.environ.get(MARKER_ENV)
 
     def on_step_end(self, state: RunState, control: Control) -> None:
-        if self.fault is None:
+        if self.fault is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
             return
         action, rank, step = self.fault
         if state.rank != rank or state.global_step != step:

@@ -93,6 +93,7 @@ def launch_cmd(
     nnodes: int = 1,
     node_rank: int = 0,
     flags: tuple[str, ...] = (),
+    launch_flags: tuple[str, ...] = (),
 ) -> list[str]:
     """``python -m apt launch`` of 2 ranks in all (``nnodes`` x ``2 // nnodes``), half the
     global batch each."""
@@ -108,6 +109,7 @@ def launch_cmd(
         f"--nproc-per-node={2 // nnodes}",
         "--master-addr=127.0.0.1",
         f"--master-port={port or free_port()}",
+        *launch_flags,
         *args,
         *flags,
     ]
