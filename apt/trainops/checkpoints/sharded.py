@@ -8,15 +8,19 @@ manifest, rename, LATEST) as every other checkpoint::
     optim/.metadata  optim/__<rank>_0.distcp ...   optimizer state, by parameter name
     optim/scheduler.pt, optim/scaler.pt            written by the writer rank (small, replicated)
 
-Each rank hashes the shard files it wrote and sends the records to the writer, so building the
-manifest reads no shard a second time; the manifest lists every file, and a load verifies them
-all before DCP reads one. DCP reshards on load: the checkpoint of FSDP on two ranks resumes
-under FSDP on four, under DDP, or in one process, and a gathered checkpoint loads here too.
+Each rank writes its shard as a few files in parallel threads, hashes them in parallel (the
+model's while the optimizer state is being written) and sends the records to the writer, so
+building the manifest reads no shard a second time; the manifest lists every file, and a load
+verifies them all before DCP reads one. DCP reshards on load: the checkpoint of FSDP on two
+ranks resumes under FSDP on four, under DDP, or in one process, and a gathered checkpoint loads
+here too.
+
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,6 +41,8 @@ from apt.trainops.distributed.state_io import write_dcp
 __all__ = ["ShardedStatePayload", "stage_shards"]
 
 _FOLDERS = (("model", "model"), ("optim", "optimizer"))
+#: Files each rank writes per DCP folder, and threads hashing them (sha256 releases the GIL).
+_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 class ShardedStatePayload:
@@ -64,10 +70,18 @@ class ShardedStatePayload:
 
     def write(self, files: StageFiles, snap: Any, *, is_writer: bool) -> None:
         rank = dist.get_rank(self.group) if _distributed() else 0
-        for folder, key in _FOLDERS:
-            if key in snap:
-                write_dcp(snap[key], files.root / folder, process_group=self.group)
-        mine = _records_of_rank(files.root, rank)
+        hashing: dict[str, Future[FileRecord]] = {}
+        with ThreadPoolExecutor(_THREADS, thread_name_prefix="apt-shard-sha256") as pool:
+            for folder, key in _FOLDERS:
+                if key not in snap:
+                    continue
+                write_dcp(
+                    snap[key], files.root / folder, process_group=self.group, thread_count=_THREADS
+                )
+                for path in sorted((files.root / folder).glob(f"__{rank}_*")):  # DCP's names
+                    rel = path.relative_to(files.root).as_posix()
+                    hashing[rel] = pool.submit(hash_file, path)
+            mine = {rel: future.result() for rel, future in hashing.items()}
         everyone = _gather_to_writer(mine, self.group)
         if is_writer:
             files.add_records(everyone)
@@ -110,15 +124,6 @@ def stage_shards(state: Any, what: str, buffers: SnapshotBuffers | None, path: s
             stage_shards(v, what, buffers, f"{path}/{i}") for i, v in enumerate(state)
         )
     return state
-
-
-def _records_of_rank(root: Path, rank: int) -> dict[str, FileRecord]:
-    """Size and sha256 of the DCP shard files ``rank`` wrote (DCP names them ``__<rank>_*``)."""
-    return {
-        path.relative_to(root).as_posix(): hash_file(path)
-        for folder, _ in _FOLDERS
-        for path in sorted((root / folder).glob(f"__{rank}_*"))
-    }
 
 
 def _gather_to_writer(

@@ -253,9 +253,16 @@ def save_dcp(
 
 
 def write_dcp(
-    state: StateDict, folder: Path, *, process_group: dist.ProcessGroup | None = None
+    state: StateDict,
+    folder: Path,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    thread_count: int = 1,
 ) -> None:
     """``dcp.save`` of ``state`` into ``folder`` (each rank its shard; files fsynced).
+
+    ``thread_count`` > 1: each rank writes that many files (``__<rank>_<i>.distcp``) in
+    parallel threads.
 
     Raises:
         CheckpointError: any rank failed to write (names each rank's error).
@@ -266,7 +273,7 @@ def write_dcp(
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a")
             dcp.save(
                 state,
-                storage_writer=FileSystemWriter(folder),
+                storage_writer=FileSystemWriter(folder, thread_count=thread_count),
                 process_group=process_group,
                 no_dist=not _distributed(),
             )
