@@ -257,6 +257,8 @@ def _cmd_launch(args: argparse.Namespace) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    from apt.trainops.distributed.env import STATIC_RENDEZVOUS_ENV
+
     argv = [
         f"--nproc-per-node={args.nproc_per_node}",
         f"--nnodes={args.nnodes}",
@@ -268,6 +270,7 @@ def _cmd_launch(args: argparse.Namespace) -> int:
         "apt",
         *args.train_args,
     ]
+    os.environ[STATIC_RENDEZVOUS_ENV] = "1"  # torchrun passes it on to every worker
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as exc:

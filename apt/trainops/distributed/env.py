@@ -31,6 +31,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "gloo", "nccl")
+#: ``python -m apt launch`` sets it for its workers: torchrun's static rendezvous.
+STATIC_RENDEZVOUS_ENV = "APT_STATIC_RENDEZVOUS"
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,25 @@ class LauncherEnv:
     world_size: str | None
     master_addr: str | None
     master_port: str | None
+    restart_count: str | None = None  # TORCHELASTIC_RESTART_COUNT
+    agent_store: bool = False  # the workers share the launcher's TCPStore
+    nodes: str | None = None  # GROUP_WORLD_SIZE: torchrun agents (nodes) in the job
+    static_rendezvous: bool = False  # set by ``python -m apt launch``
+
+    def attempt_namespace(self) -> str | None:
+        """A store namespace for this restart of the job, or None when not needed/known.
+
+        torchrun's static rendezvous (``--master-addr/--master-port``) hands the workers of
+        every restart the same TCPStore, so the keys of the previous attempt are still there:
+        a peer that reads one (a dead rank's gloo address, a stale NCCL id) fails to connect.
+        The restart count tells attempts apart; it is the same on every rank when one agent
+        runs the whole job or when every agent restarts together (static rendezvous).
+        """
+        if self.restart_count is None or not self.agent_store:
+            return None
+        if self.nodes not in (None, "1") and not self.static_rendezvous:
+            return None  # elastic membership changes can give agents different counts
+        return f"apt/attempt-{self.restart_count}"
 
 
 def read_launcher_env(environ: Mapping[str, str] | None = None) -> LauncherEnv:
@@ -91,6 +112,10 @@ def read_launcher_env(environ: Mapping[str, str] | None = None) -> LauncherEnv:
         world_size=env.get("WORLD_SIZE"),
         master_addr=env.get("MASTER_ADDR"),
         master_port=env.get("MASTER_PORT"),
+        restart_count=env.get("TORCHELASTIC_RESTART_COUNT"),
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+        nodes=env.get("GROUP_WORLD_SIZE"),
+        static_rendezvous=env.get(STATIC_RENDEZVOUS_ENV) == "1",
     )
 
 
@@ -212,12 +237,17 @@ def setup_distributed(
     rank_device = _rank_device(resolved, device, local_rank, rank)
     if rank_device.type == "cuda":
         torch.cuda.set_device(rank_device)
+    timeout = timedelta(seconds=timeout_seconds)
+    store = _attempt_store(launch, rank, world, timeout)
     dist.init_process_group(
         # With NCCL, CPU tensors (FSDP CPU offload, small control collectives) still need a
         # backend: gloo serves them in the same process group.
         backend="cpu:gloo,cuda:nccl" if resolved == "nccl" else resolved,
-        timeout=timedelta(seconds=timeout_seconds),
+        timeout=timeout,
         device_id=rank_device if resolved == "nccl" else None,
+        store=store,
+        rank=rank if store is not None else -1,
+        world_size=world if store is not None else -1,
     )
     if dist.get_world_size() != world or dist.get_rank() != rank:  # pragma: no cover
         raise DistributedError(
@@ -255,6 +285,18 @@ def _env_of_running_group(backend: str | None, *, local_rank: int, device: str) 
         device=rank_device,
         backend=running,
     )
+
+
+def _attempt_store(
+    launch: LauncherEnv, rank: int, world: int, timeout: timedelta
+) -> dist.Store | None:
+    """The launcher's store seen through this restart's namespace (see
+    :meth:`LauncherEnv.attempt_namespace`); None when the launcher's own store will do."""
+    namespace = launch.attempt_namespace()
+    if namespace is None:
+        return None
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    return dist.PrefixStore(namespace, store)
 
 
 def check_world_size(expected: int | None, actual: int, *, rank: int = 0) -> None:

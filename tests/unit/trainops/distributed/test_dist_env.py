@@ -151,3 +151,38 @@ def test_teardown_is_idempotent(no_launcher_env) -> None:
     teardown_distributed()
     assert not dist.is_initialized()
     teardown_distributed()
+
+
+@pytest.mark.parametrize(
+    ("extra", "namespace"),
+    [
+        ({}, None),  # not under torchelastic
+        ({"TORCHELASTIC_RESTART_COUNT": "2"}, None),  # the workers host their own store
+        (
+            {"TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"},
+            "apt/attempt-2",
+        ),
+        (  # several agents, an elastic rendezvous: their restart counts may differ
+            {
+                "TORCHELASTIC_RESTART_COUNT": "1",
+                "TORCHELASTIC_USE_AGENT_STORE": "True",
+                "GROUP_WORLD_SIZE": "2",
+            },
+            None,
+        ),
+        (  # several agents under `apt launch` (static rendezvous): they restart together
+            {
+                "TORCHELASTIC_RESTART_COUNT": "1",
+                "TORCHELASTIC_USE_AGENT_STORE": "True",
+                "GROUP_WORLD_SIZE": "2",
+                "APT_STATIC_RENDEZVOUS": "1",
+            },
+            "apt/attempt-1",
+        ),
+    ],
+)
+def test_each_restart_gets_its_own_store_namespace(extra: dict, namespace: str | None) -> None:
+    """torchrun's static rendezvous keeps one TCPStore across restarts; the keys a dead
+    attempt left there must not be read by the next one."""
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", **extra}
+    assert read_launcher_env(env).attempt_namespace() == namespace
