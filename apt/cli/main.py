@@ -12,12 +12,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 from apt.core.config import APTConfig, list_profiles, load_profile, resolve_profile
-from apt.core.errors import APTError, ConfigError
+from apt.core.errors import APTError, ConfigError, DistributedError
 
 __all__ = ["main"]
 
@@ -294,6 +294,20 @@ _COMMANDS = {
 }
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once with ``code``, after flushing what it printed and logged.
+
+    A process group whose peer died or hangs cannot be torn down cleanly: its destructors, run
+    at interpreter exit, can block on the lost peer or abort the process (exit -6 instead of
+    the code the error promised). The run's files are closed already; nothing else needs to run.
+    """
+    for handler in logging.getLogger().handlers + logging.getLogger("apt").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = _parser().parse_args(argv)
@@ -303,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        _exit_now(exc.exit_code)
     except APTError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -391,7 +391,9 @@ def test_lost_peer_ends_the_other_node_with_a_clear_error(work: Path, mode: str)
 
 
 def test_rank_that_dies_stops_a_single_node_launch(work: Path) -> None:
-    """One torchrun, 2 ranks: it sees rank 1 exit, stops rank 0 and says which rank failed."""
+    """One torchrun, 2 ranks: rank 1 dies, rank 0 does not wait for it, and the launcher's
+    summary names rank 1."""
+
     marker = work / "die-1node.marker"
     sets = (tr.FAULT_HOOK, f"training.distributed.timeout_seconds={FAULT_TIMEOUT_S}")
     started = time.monotonic()
@@ -404,7 +406,9 @@ def test_rank_that_dies_stops_a_single_node_launch(work: Path) -> None:
     done = tr.finish(proc, started, timeout=tr.RUN_TIMEOUT_S)
     assert marker.exists(), done.output[-4000:]
     assert done.returncode == 1, done.output[-4000:]
-    assert "error: training processes failed (rank 1: exit code 1" in done.output
+    summary = next(x for x in done.output.splitlines() if "training processes failed" in x)
+    # rank 1 died; rank 0 ends by itself (exit 1, "peer stopped answering") or by torchrun
+    assert "rank 1: exit code 1" in summary, summary
     assert done.seconds < 30
 
 
