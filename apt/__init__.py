@@ -13,8 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from apt.core.config import APTConfig, load_profile
 from apt.core.errors import APTError, CheckpointError, ConfigError, DataError, DistributedError
-
-__version__ = "2.0.0a1"
+from apt.core.version import __version__
 
 __all__ = [
     "APTConfig",

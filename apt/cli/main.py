@@ -147,6 +147,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.task:
         overrides.append(f"training.task={args.task}")
     cfg = load_profile(args.profile, overrides=overrides)
+    from apt.trainops.distributed import teardown_distributed
     from apt.trainops.engine import Trainer
 
     trainer = Trainer.from_config(
@@ -154,6 +155,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     log.info("run folder: %s", trainer.run_dir)
     result = trainer.train()
+    if trainer.env.is_main and result.exit_signal is None:
+        _report(trainer, result)
+    # Tear the process group down while every rank is alive and idle: left to interpreter exit,
+    # gloo's threads can be destroyed mid-flight ("terminate called without an active
+    # exception", exit -6) even though training succeeded.
+    teardown_distributed()
     if result.exit_signal is not None:
         print(
             f"stopped by signal {result.exit_signal} at step {result.global_step}; the run is "
@@ -161,8 +168,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 128 + int(result.exit_signal)
-    if trainer.env.is_main:
-        _report(trainer, result)
     return 0
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from apt.core.config import load_profile
 from apt.trainops.engine import Callback, Control, RunState, Trainer
-from apt.trainops.engine.schedules import anneal_value
+from apt.trainops.engine.curriculum import anneal_value
 
 OVERRIDES = [
     "model.hidden_size=32",

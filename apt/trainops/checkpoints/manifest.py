@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-import apt
 from apt.core.errors import CheckpointError
+from apt.core.version import __version__
 from apt.trainops.checkpoints.fsio import FileRecord, StageFiles, dumps_json, hash_file
 from apt.trainops.checkpoints.layout import MANIFEST_FILE
 
@@ -83,7 +83,7 @@ def write_manifest(
         "sequence": sequence,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "world_size": world_size,
-        "apt_version": apt.__version__,
+        "apt_version": __version__,
         "torch_version": torch.__version__,
         "metrics": metrics,
         "files": {rel: {"size": r.size, "sha256": r.sha256} for rel, r in records.items()},

@@ -141,7 +141,7 @@ class FullStatePayload:
                 raise CheckpointError(
                     f"{ckpt.path} is a sharded (DCP) checkpoint; load it with "
                     "CheckpointManager(payload=ShardedStatePayload(strategy)), or read its "
-                    "weights with apt.trainops.distributed.state_io.read_dcp_tensors"
+                    "weights with apt.trainops.checkpoints.dcp.read_dcp_tensors"
                     f"('{ckpt.path / 'model'}')"
                 )
             if path is None:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from apt.trainops.checkpoints.dcp import write_dcp
 from apt.trainops.checkpoints.fsio import FileRecord, StageFiles, hash_file
 from apt.trainops.checkpoints.gathered import (
     load_strategy_state,
@@ -36,7 +37,7 @@ from apt.trainops.checkpoints.gathered import (
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
 from apt.trainops.checkpoints.payload import Objects
 from apt.trainops.checkpoints.tensorio import SnapshotBuffers
-from apt.trainops.distributed.state_io import write_dcp
+from apt.trainops.distributed import in_process_group
 
 __all__ = ["ShardedStatePayload", "stage_shards"]
 
@@ -69,7 +70,7 @@ class ShardedStatePayload:
         return snap
 
     def write(self, files: StageFiles, snap: Any, *, is_writer: bool) -> None:
-        rank = dist.get_rank(self.group) if _distributed() else 0
+        rank = dist.get_rank(self.group) if in_process_group() else 0
         hashing: dict[str, Future[FileRecord]] = {}
         with ThreadPoolExecutor(_THREADS, thread_name_prefix="apt-shard-sha256") as pool:
             for folder, key in _FOLDERS:
@@ -91,10 +92,6 @@ class ShardedStatePayload:
         load_strategy_state(
             ckpt, objs, self.strategy, map_location=map_location, process_group=self.group
         )
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def stage_shards(state: Any, what: str, buffers: SnapshotBuffers | None, path: str = "") -> Any:
@@ -130,7 +127,7 @@ def _gather_to_writer(
     records: dict[str, FileRecord], group: dist.ProcessGroup | None
 ) -> dict[str, FileRecord]:
     """Every rank's records, on the group's first rank (``{}`` elsewhere)."""
-    if not _distributed() or dist.get_world_size(group) == 1:
+    if not in_process_group() or dist.get_world_size(group) == 1:
         return records
     first = dist.get_global_rank(group, 0) if group is not None else 0
     is_first = dist.get_rank() == first

@@ -1,10 +1,10 @@
-"""Distributed training: the process group, strategies (single, DDP, FSDP2) and their state.
+"""Distributed training: the process group, strategies (single, DDP, FSDP2) and their state dicts.
 
 >>> env = setup_distributed()                                   # doctest: +SKIP
 >>> strategy = build_strategy(cfg.training.distributed, env=env)  # doctest: +SKIP
 >>> model = strategy.apply(model)                               # doctest: +SKIP
 
-Everything here is torch.distributed itself (c10d, DDP, FSDP2 ``fully_shard``, DCP and its
+Everything here is torch.distributed itself (c10d, DDP, FSDP2 ``fully_shard`` and the
 state-dict API); APT adds the configuration, the checks and the error messages.
 """
 
@@ -16,15 +16,17 @@ from apt.trainops.distributed.collectives import (
     is_main_process,
     rank_zero_only,
 )
-from apt.trainops.distributed.ddp import DDPWrapper
+from apt.trainops.distributed.ddp_wrapper import DDPWrapper
 from apt.trainops.distributed.env import (
     DistEnv,
     check_world_size,
+    group_rank,
+    group_world_size,
+    in_process_group,
     read_launcher_env,
     setup_distributed,
     teardown_distributed,
 )
-from apt.trainops.distributed.safe_dcp import SafeFileSystemReader
 from apt.trainops.distributed.strategies import (
     STRATEGIES,
     DDPStrategy,
@@ -41,7 +43,6 @@ __all__ = [
     "DDPWrapper",
     "DistEnv",
     "FSDPStrategy",
-    "SafeFileSystemReader",
     "SideChannel",
     "SingleStrategy",
     "Strategy",
@@ -50,6 +51,9 @@ __all__ = [
     "build_strategy",
     "check_world_size",
     "distributed_errors",
+    "group_rank",
+    "group_world_size",
+    "in_process_group",
     "is_main_process",
     "rank_zero_only",
     "read_launcher_env",

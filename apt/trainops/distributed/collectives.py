@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from apt.core.errors import DistributedError
+from apt.trainops.distributed.env import group_rank, group_world_size
 
 __all__ = [
     "SideChannel",
@@ -32,14 +33,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def _comm_device() -> torch.device:
     """Where tensors must live for the running backend's collectives."""
     if "nccl" in str(dist.get_backend()):
@@ -49,7 +42,7 @@ def _comm_device() -> torch.device:
 
 def is_main_process() -> bool:
     """True on rank 0, and in a process that is not distributed."""
-    return _rank() == 0
+    return group_rank() == 0
 
 
 def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
@@ -64,7 +57,7 @@ def rank_zero_only(fn: Callable[P, R]) -> Callable[P, R | None]:
 
 def barrier() -> None:
     """Wait until every rank gets here (no-op in a single process)."""
-    if _active():
+    if group_world_size() > 1:
         with distributed_errors("barrier"):
             if "nccl" in str(dist.get_backend()):
                 dist.barrier(device_ids=[torch.cuda.current_device()])
@@ -132,7 +125,7 @@ def all_reduce_mean(
     Raises:
         DistributedError: the dict keys differ between ranks, or a peer failed.
     """
-    if not _active():
+    if group_world_size() == 1:
         return x.clone() if isinstance(x, torch.Tensor) else (dict(x) if isinstance(x, dict) else x)
     world = dist.get_world_size()
     device = _comm_device()
@@ -163,7 +156,7 @@ def _check_same_keys(keys: list[str], device: torch.device) -> None:
         dist.all_reduce(probe, op=dist.ReduceOp.MAX)
     if probe.tolist() != [crc, -crc]:
         raise DistributedError(
-            f"rank {_rank()}: all_reduce_mean got different metric names on different ranks "
+            f"rank {group_rank()}: all_reduce_mean got different metric names on different ranks "
             f"(this rank: {', '.join(keys)}). Log the same metrics on every rank."
         )
 
@@ -207,10 +200,10 @@ def distributed_errors(what: str = "a collective") -> Iterator[None]:
             marker in text.lower() for marker in _PEER_FAILURE_MARKERS
         ):
             raise
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = group_world_size()
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise DistributedError(
-            f"rank {_rank()} of {world}: {what} failed because a peer rank stopped answering "
+            f"rank {group_rank()} of {world}: {what} failed because a peer rank stopped answering "
             f"({type(exc).__name__}: {first_line[:300]}). Another rank most likely crashed or was "
             "killed: its own error, and torchrun's summary of failed ranks, say why. Fix that "
             "rank's error and resume from the last checkpoint; if the ranks are only slow (a "

@@ -23,6 +23,9 @@ __all__ = [
     "DistEnv",
     "LauncherEnv",
     "check_world_size",
+    "group_rank",
+    "group_world_size",
+    "in_process_group",
     "read_launcher_env",
     "setup_distributed",
     "teardown_distributed",
@@ -33,6 +36,21 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "gloo", "nccl")
 #: ``python -m apt launch`` sets it for its workers: torchrun's static rendezvous.
 STATIC_RENDEZVOUS_ENV = "APT_STATIC_RENDEZVOUS"
+
+
+def in_process_group() -> bool:
+    """True when this process belongs to a started ``torch.distributed`` process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_rank() -> int:
+    """This process's rank in the running process group (0 outside one)."""
+    return dist.get_rank() if in_process_group() else 0
+
+
+def group_world_size() -> int:
+    """Processes in the running process group (1 outside one)."""
+    return dist.get_world_size() if in_process_group() else 1
 
 
 @dataclass(frozen=True)
@@ -226,7 +244,7 @@ def setup_distributed(
     launch = read_launcher_env()
     if launch.world_size is None or launch.world_size.strip() == "1":
         check_world_size(expected_world_size, 1)
-        if dist.is_available() and dist.is_initialized():
+        if in_process_group():
             return _env_of_running_group(backend, local_rank=0, device=device)
         return DistEnv.single(_single_device(device))
     rank, local_rank, world = _validate(launch)
@@ -316,5 +334,5 @@ def check_world_size(expected: int | None, actual: int, *, rank: int = 0) -> Non
 
 def teardown_distributed() -> None:
     """Destroy the process group if one runs; safe to call more than once."""
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.destroy_process_group()

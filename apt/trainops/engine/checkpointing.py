@@ -18,6 +18,7 @@ import torch
 
 from apt.core.config import APTConfig
 from apt.core.errors import CheckpointError, ConfigError
+from apt.core.version import __version__
 from apt.trainops.checkpoints import CheckpointManager, CheckpointSaveError, LoadedCheckpoint
 from apt.trainops.engine.callbacks.base import CallbackManager
 from apt.trainops.engine.state import TrainState
@@ -110,15 +111,13 @@ class RunCheckpoints:
         on_saved: Callable[[], None],
     ) -> Path | None:
         """Write a checkpoint of the current step; apply ``on_save_error`` to a failure."""
-        import apt
-
         trainer_state = {
             "train": state.to_dict(),
             "callbacks": self.callbacks.state_dict(),
             "config": self.config.to_dict(),
             "fingerprint": self.config.fingerprint(),
             "world_size": self.world_size,
-            "versions": {"apt": apt.__version__, "torch": torch.__version__},
+            "versions": {"apt": __version__, "torch": torch.__version__},
         }
         self.finish()  # a failed async save is reported with its own step; this one still runs
         try:

@@ -28,8 +28,8 @@ from apt.trainops.distributed import (
 )
 from apt.trainops.engine.callbacks.base import Callback, CallbackManager
 from apt.trainops.engine.callbacks.builtin import MetricsLogger, ProgressBar
+from apt.trainops.engine.callbacks.curriculum import ScheduleCallback
 from apt.trainops.engine.callbacks.registry import build_callbacks
-from apt.trainops.engine.callbacks.schedule import ScheduleCallback
 from apt.trainops.engine.checkpointing import RunCheckpoints
 from apt.trainops.engine.events import Event
 from apt.trainops.engine.loop import LoopPlan, TrainingLoop, sum_over_ranks

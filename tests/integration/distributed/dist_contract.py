@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from apt.trainops.checkpoints.dcp import load_dcp, save_dcp
 from apt.trainops.distributed import Strategy
 
 # fp32 with a different reduction order (per-rank partial sums, then an all-reduce) differs from
@@ -199,10 +200,10 @@ def check_sharded_round_trip(strategy: Strategy, folder: Path) -> dict[str, Any]
         )
     )
     before_m, before_o = strategy.full_state_dict(model, opt)
-    files = strategy.save_sharded(folder, model, opt)
+    files = save_dcp(folder, strategy, model, opt)
     _, fresh = _wrapped(strategy, seed=3)
     fresh_opt = wl.make_optimizer(fresh)
-    strategy.load_sharded(folder, fresh, fresh_opt)
+    load_dcp(folder, strategy, fresh, fresh_opt)
     after_m, after_o = strategy.full_state_dict(fresh, fresh_opt)
     if env.rank != 0:
         return {"ok": True}

@@ -28,6 +28,7 @@ import torch
 from apt.core.config.model import MoEConfig
 from apt.core.config.training import DistributedConfig, FSDPOptions
 from apt.core.errors import DistributedError
+from apt.trainops.checkpoints.dcp import load_dcp, save_dcp
 from apt.trainops.distributed import (
     Strategy,
     all_reduce_mean,
@@ -126,7 +127,7 @@ def cross_load(strategy: Strategy, args: argparse.Namespace) -> dict:
     opt = wl.make_optimizer(model)
     out: dict = {}
     if args.load_ckpt:
-        strategy.load_sharded(args.load_ckpt, model, opt)
+        load_dcp(args.load_ckpt, strategy, model, opt)
         msd, osd = strategy.full_state_dict(model, opt)
         if env.rank == 0:
             ref = torch.load(args.load_ref, weights_only=True)
@@ -143,7 +144,7 @@ def cross_load(strategy: Strategy, args: argparse.Namespace) -> dict:
         )
     )
     if args.save_ckpt:
-        files = strategy.save_sharded(args.save_ckpt, model, opt)
+        files = save_dcp(args.save_ckpt, strategy, model, opt)
         msd, osd = strategy.full_state_dict(model, opt)
         if env.rank == 0:
             torch.save({"model": msd, "optim": osd}, args.save_ref)

@@ -21,8 +21,8 @@ import torch.distributed as dist
 
 from apt.core.config.training import DistributedConfig
 from apt.trainops.checkpoints import CheckpointManager, ShardedStatePayload
+from apt.trainops.checkpoints.dcp import read_dcp_tensors
 from apt.trainops.distributed import SideChannel, build_strategy, setup_distributed
-from apt.trainops.distributed.state_io import read_dcp_tensors
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 from apt.core.config.training import DistributedConfig
 from apt.trainops.checkpoints import CheckpointManager, ShardedStatePayload
+from apt.trainops.checkpoints.dcp import read_dcp_tensors
 from apt.trainops.checkpoints.fsio import hash_file
 from apt.trainops.distributed import DistEnv, build_strategy
-from apt.trainops.distributed.state_io import read_dcp_tensors
 
 pytestmark = pytest.mark.distributed
 

@@ -22,7 +22,7 @@ import torch
 from dist_launch import free_port, worker_env
 from safetensors.torch import load_file
 
-from apt.trainops.distributed.state_io import read_dcp_tensors
+from apt.trainops.checkpoints.dcp import read_dcp_tensors
 
 HERE = Path(__file__).resolve().parent
 RUN_TIMEOUT_S = 120  # one CLI run; the longest takes ~10 s on 2 cores

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import apt.trainops.engine as engine
-from apt.trainops.engine.schedules import ScheduleExecutor
+from apt.trainops.engine.curriculum import ScheduleExecutor
 
 
 @pytest.mark.parametrize(

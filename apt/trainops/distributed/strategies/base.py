@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -23,12 +21,11 @@ from apt.core.config.training import DistributedConfig
 from apt.core.errors import DistributedError
 from apt.core.registry import Registry
 from apt.trainops.distributed.env import DistEnv, check_world_size
-from apt.trainops.distributed.state_io import (
+from apt.trainops.distributed.state_dicts import (
     StateDict,
     gather_full_state,
-    load_dcp,
     load_full_state,
-    save_dcp,
+    load_sharded_state,
     sharded_state,
 )
 
@@ -137,27 +134,16 @@ class Strategy:
         sharded); the live tensors, keyed by parameter name."""
         return sharded_state(model, optimizer)
 
-    def save_sharded(
+    def load_sharded_state_dict(
         self,
-        path: str | Path,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
-        *,
-        process_group: dist.ProcessGroup | None = None,
-    ) -> list[Path]:
-        """Write ``path/model`` and ``path/optim`` with DCP; return every file written."""
-        return save_dcp(path, model, optimizer, process_group=process_group)
-
-    def load_sharded(
-        self,
-        path: str | Path,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None,
-        *,
-        process_group: dist.ProcessGroup | None = None,
+        model_sd: StateDict | None,
+        optim_sd: StateDict,
     ) -> None:
-        """Load what :meth:`save_sharded` wrote, whatever strategy and world size wrote it."""
-        load_dcp(path, model, optimizer, process_group=process_group)
+        """Put states shaped like :meth:`sharded_state_dict`'s (filled in place by a DCP load)
+        into the model and optimizer; ``model_sd=None`` leaves the weights alone."""
+        load_sharded_state(model, optimizer, model_sd, optim_sd)
 
     def sampler_rank_world(self) -> tuple[int, int]:
         """(this rank's data shard, number of data shards) for the sampler."""

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from apt.trainops.distributed.ddp import DDPWrapper, model_has_moe
+from apt.trainops.distributed.ddp_wrapper import DDPWrapper, model_has_moe
 from apt.trainops.distributed.strategies.base import STRATEGIES, Strategy
 
 __all__ = ["DDPStrategy"]

@@ -8,8 +8,8 @@ from apt.trainops.engine.callbacks.builtin import (
     MetricsLogger,
     ProgressBar,
 )
+from apt.trainops.engine.callbacks.curriculum import EntropyBasedVotingCallback, ScheduleCallback
 from apt.trainops.engine.callbacks.registry import CALLBACKS, build_callback, build_callbacks
-from apt.trainops.engine.callbacks.schedule import EntropyBasedVotingCallback, ScheduleCallback
 
 __all__ = [
     "CALLBACKS",

@@ -17,7 +17,7 @@ from apt.trainops.engine.callbacks.builtin import (
     MetricsLogger,
     ProgressBar,
 )
-from apt.trainops.engine.callbacks.schedule import EntropyBasedVotingCallback, ScheduleCallback
+from apt.trainops.engine.callbacks.curriculum import EntropyBasedVotingCallback, ScheduleCallback
 
 __all__ = ["CALLBACKS", "build_callback", "build_callbacks"]
 

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from apt.core.config import DataConfig, ModelConfig
 from apt.core.errors import DataError
+from apt.trainops.distributed import unwrap_model
 from apt.trainops.engine.tasks.base import TASKS, StepOutput, TrainingTask
 
 __all__ = ["CausalLMTask", "split_batch"]
@@ -49,18 +50,9 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    """The user's module inside torch.compile / DDP wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def _takes_targets(model: nn.Module) -> bool:
     try:
-        return "targets" in inspect.signature(_inner(model).forward).parameters
+        return "targets" in inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -134,7 +126,7 @@ class CausalLMTask(TrainingTask):
         mask = labels != IGNORE_INDEX  # (B, T)
         logp = F.log_softmax(logits.float(), dim=-1)
         entropy = -(logp.exp() * logp).sum(-1)  # (B, T)
-        predict = getattr(_inner(model), "predict_tokens", None)
+        predict = getattr(unwrap_model(model), "predict_tokens", None)
         if predict is not None:
             # A private generator: evaluation must not move the training RNG streams.
             gen = torch.Generator(device=logits.device).manual_seed(0)
@@ -145,7 +137,7 @@ class CausalLMTask(TrainingTask):
             "accuracy": ((tokens == labels) & mask).sum(),
             "entropy": (entropy * mask).sum(),
         }
-        if getattr(_inner(model), "voter", None) is not None:
+        if getattr(unwrap_model(model), "voter", None) is not None:
             totals["voter_fired"] = (fired & mask).sum()
         return StepOutput(loss=loss, totals=totals)
 

@@ -25,7 +25,7 @@ from apt.trainops.distributed import (
     build_strategy,
     unwrap_model,
 )
-from apt.trainops.distributed.ddp import model_has_moe
+from apt.trainops.distributed.ddp_wrapper import model_has_moe
 from apt.trainops.distributed.strategies import transformer_blocks
 
 CPU = DistEnv.single("cpu")

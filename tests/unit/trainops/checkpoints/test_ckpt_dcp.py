@@ -11,6 +11,7 @@ from torch import nn
 
 from apt.core.config.training import DistributedConfig
 from apt.core.errors import CheckpointError
+from apt.trainops.checkpoints.dcp import load_dcp, save_dcp
 from apt.trainops.distributed import DistEnv, build_strategy
 
 STRATEGY = build_strategy(DistributedConfig(), env=DistEnv.single("cpu"))
@@ -70,7 +71,7 @@ def test_wrong_model_is_a_checkpoint_error() -> None:
 
 def test_dcp_round_trip_in_one_process(tmp_path: Path) -> None:
     model, opt = _trained(0)
-    files = STRATEGY.save_sharded(tmp_path / "ck", model, opt)
+    files = save_dcp(tmp_path / "ck", STRATEGY, model, opt)
     assert {p.relative_to(tmp_path / "ck").as_posix() for p in files} == {
         "model/.metadata",
         "model/__0_0.distcp",
@@ -78,7 +79,7 @@ def test_dcp_round_trip_in_one_process(tmp_path: Path) -> None:
         "optim/__0_0.distcp",
     }
     other, other_opt = _trained(1)
-    STRATEGY.load_sharded(tmp_path / "ck", other, other_opt)
+    load_dcp(tmp_path / "ck", STRATEGY, other, other_opt)
     assert all(torch.equal(other.state_dict()[k], v) for k, v in model.state_dict().items())
     assert torch.equal(
         other_opt.state[other[2].bias]["momentum_buffer"],
@@ -89,10 +90,10 @@ def test_dcp_round_trip_in_one_process(tmp_path: Path) -> None:
 def test_dcp_errors(tmp_path: Path) -> None:
     model, opt = _trained()
     with pytest.raises(CheckpointError, match="no DCP checkpoint"):
-        STRATEGY.load_sharded(tmp_path / "missing", model, opt)
-    STRATEGY.save_sharded(tmp_path / "ck", model, opt)
+        load_dcp(tmp_path / "missing", STRATEGY, model, opt)
+    save_dcp(tmp_path / "ck", STRATEGY, model, opt)
     with pytest.raises(CheckpointError, match="cannot load"):
-        STRATEGY.load_sharded(tmp_path / "ck", nn.Linear(3, 3), None)
+        load_dcp(tmp_path / "ck", STRATEGY, nn.Linear(3, 3), None)
 
 
 class _Evil:
@@ -104,12 +105,12 @@ class _Evil:
 
 def test_metadata_is_never_unpickled_freely(tmp_path: Path) -> None:
     model, opt = _trained()
-    STRATEGY.save_sharded(tmp_path / "ck", model, opt)
+    save_dcp(tmp_path / "ck", STRATEGY, model, opt)
     sentinel = tmp_path / "pwned"
     _Evil.target = str(sentinel)
     (tmp_path / "ck" / "model" / ".metadata").write_bytes(pickle.dumps(_Evil()))
     with pytest.raises(CheckpointError, match=r"refers to pathlib.Path.touch|not written by"):
-        STRATEGY.load_sharded(tmp_path / "ck", model, opt)
+        load_dcp(tmp_path / "ck", STRATEGY, model, opt)
     assert not sentinel.exists()
 
 
@@ -117,6 +118,6 @@ def test_saving_before_the_first_step_leaves_the_optimizer_untouched(tmp_path: P
     model = nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     _, osd = STRATEGY.full_state_dict(model, opt)
-    STRATEGY.save_sharded(tmp_path / "ck", model, opt)
+    save_dcp(tmp_path / "ck", STRATEGY, model, opt)
     assert not opt.state  # the first real step still sees step 0
     assert set(osd["state"]) == {"weight", "bias"}

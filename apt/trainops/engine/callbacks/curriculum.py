@@ -5,19 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from apt.core.config import SchedulesConfig
+from apt.trainops.distributed import unwrap_model
 from apt.trainops.engine.callbacks.base import Callback
-from apt.trainops.engine.schedules import ScheduleExecutor
+from apt.trainops.engine.curriculum import ScheduleExecutor
 from apt.trainops.engine.state import Control, RunState
 
 __all__ = ["EntropyBasedVotingCallback", "ScheduleCallback"]
-
-
-def _unwrapped(model: Any) -> Any:
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 class ScheduleCallback(Callback):
@@ -34,7 +27,7 @@ class ScheduleCallback(Callback):
             raise AssertionError("the loop always provides max_steps and steps_per_epoch")
         self.executor = ScheduleExecutor(
             self.schedules,
-            model=_unwrapped(state.model),
+            model=unwrap_model(state.model),
             total_steps=state.max_steps,
             steps_per_epoch=state.steps_per_epoch,
         )
@@ -76,7 +69,7 @@ class EntropyBasedVotingCallback(Callback):
 
     def on_eval_end(self, state: RunState, control: Control) -> None:
         entropy = state.metrics.get(self.monitor)
-        voter = dict(_unwrapped(state.model).controllable_modules()).get("voter")
+        voter = dict(unwrap_model(state.model).controllable_modules()).get("voter")
         if entropy is None or voter is None:
             return
         want = entropy > self.threshold

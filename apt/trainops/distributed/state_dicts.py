@@ -1,32 +1,22 @@
-"""Model and optimizer state across strategies, through ``torch.distributed.checkpoint``.
+"""Model and optimizer state dicts across strategies, through torch's state-dict API.
 
 Two forms, both keyed by the user's parameter names (no ``module.`` / ``_orig_mod.`` prefixes),
 so any strategy reads what any other wrote:
 
 * full: plain CPU tensors gathered on rank 0 (:func:`gather_full_state`,
-  :func:`load_full_state`), for export and small runs;
-* sharded: a DCP folder per state (``model/``, ``optim/``) in which each rank writes its own
-  shard (:func:`save_dcp`, :func:`load_dcp`); DCP reshards on load, so FSDP x2 resumes in one
-  process or under DDP x4, and the reverse.
-
-Loading never unpickles arbitrary objects: DCP's ``.metadata`` is read with an unpickler that
-accepts only DCP's own metadata classes, and the non-tensor values of a state (optimizer
-hyper-parameters, parameter names) with ``torch.load(weights_only=True)``.
+  :func:`load_full_state`), for export and gathered checkpoints;
+* sharded: each rank's own part, DTensor shards under FSDP (:func:`sharded_state`,
+  :func:`load_sharded_state`), which ``torch.distributed.checkpoint`` writes and reads (the
+  files are the business of :mod:`apt.trainops.checkpoints.dcp`).
 """
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,30 +26,20 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from apt.core.errors import CheckpointError, DistributedError
-from apt.trainops.distributed.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+from apt.core.errors import CheckpointError
+from apt.trainops.distributed.env import group_rank, group_world_size, in_process_group
 
 __all__ = [
+    "StateDict",
     "gather_full_state",
-    "load_dcp",
     "load_full_state",
-    "read_dcp_tensors",
-    "save_dcp",
+    "load_sharded_state",
     "sharded_state",
-    "write_dcp",
 ]
 
 StateDict = dict[str, Any]
 
 _FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
 
 
 def gather_full_state(
@@ -133,7 +113,7 @@ def _has_tensor_state(optim_sd: StateDict) -> bool:
 def _who_has(model_sd: StateDict, optim_sd: StateDict) -> tuple[list[bool], list[bool]]:
     """(flags of rank 0, flags all ranks share) for (model, optim, optim tensors)."""
     mine = [bool(model_sd), bool(optim_sd), _has_tensor_state(optim_sd)]
-    if not _distributed() or dist.get_world_size() == 1:
+    if group_world_size() == 1:
         return mine, mine
     device = (
         torch.device("cuda", torch.cuda.current_device())
@@ -174,7 +154,7 @@ def load_full_state(
     """
     rank0_has, all_have = _who_has(model_sd, optim_sd)
     if not rank0_has[0]:
-        raise CheckpointError(f"rank {_rank()}: load_full_state got no model state on rank 0.")
+        raise CheckpointError(f"rank {group_rank()}: load_full_state got no model state on rank 0.")
     broadcast = not all_have[0]
     try:
         # torch writes the loaded (sharded) values back into the dict it is given: copy.
@@ -185,7 +165,7 @@ def load_full_state(
         )
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(
-            f"rank {_rank()}: the model state does not fit this model ({exc}). Was it saved "
+            f"rank {group_rank()}: the model state does not fit this model ({exc}). Was it saved "
             "from a different model config?"
         ) from exc
     if optimizer is None or not rank0_has[1]:
@@ -202,16 +182,10 @@ def load_full_state(
     # A stateless optimizer (SGD without momentum) has no tensor to place a shard of; torch's
     # loader cannot find a device then, so only its hyper-parameters are copied.
     groups = [optim_sd.get("param_groups") if optim_sd else None]
-    if _distributed() and not all_have[1]:
+    if in_process_group() and not all_have[1]:
         dist.broadcast_object_list(groups, src=0)
     for group, saved in zip(optimizer.param_groups, groups[0] or [], strict=False):
         group.update({k: v for k, v in saved.items() if k != "params"})
-
-
-def _files_under(*folders: Path) -> list[Path]:
-    return sorted(
-        p for folder in folders if folder.is_dir() for p in folder.rglob("*") if p.is_file()
-    )
 
 
 def sharded_state(
@@ -227,154 +201,18 @@ def sharded_state(
     return model_sd, optim_sd
 
 
-def save_dcp(
-    path: str | Path,
+def load_sharded_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    *,
-    process_group: dist.ProcessGroup | None = None,
-) -> list[Path]:
-    """Write ``path/model`` (and ``path/optim``) as DCP checkpoints, each rank its shard.
-
-    Collective (over ``process_group``, default: the whole run). ``path`` must be one folder
-    every rank sees (a shared filesystem across nodes).
-
-    Returns:
-        Every file of the checkpoint (all ranks' shards and the ``.metadata`` files), sorted.
-    """
-    path = Path(path)
-    model_sd, optim_sd = sharded_state(model, optimizer)
-    write_dcp(model_sd, path / "model", process_group=process_group)
-    folders = [path / "model"]
-    if optimizer is not None:
-        write_dcp(optim_sd, path / "optim", process_group=process_group)
-        folders.append(path / "optim")
-    return _files_under(*folders)
-
-
-def write_dcp(
-    state: StateDict,
-    folder: Path,
-    *,
-    process_group: dist.ProcessGroup | None = None,
-    thread_count: int = 1,
+    model_sd: StateDict | None,
+    optim_sd: StateDict,
 ) -> None:
-    """``dcp.save`` of ``state`` into ``folder`` (each rank its shard; files fsynced).
-
-    ``thread_count`` > 1: each rank writes that many files (``__<rank>_<i>.distcp``) in
-    parallel threads.
-
-    Raises:
-        CheckpointError: any rank failed to write (names each rank's error).
-    """
-    try:
-        with warnings.catch_warnings():
-            # DCP warns that it assumes one process when no process group runs: intended.
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a")
-            dcp.save(
-                state,
-                storage_writer=FileSystemWriter(folder, thread_count=thread_count),
-                process_group=process_group,
-                no_dist=not _distributed(),
-            )
-    except CheckpointException as exc:  # a BaseException: `except Exception` would miss it
-        raise CheckpointError(
-            f"rank {_rank()}: writing {folder} failed ({_failures(exc)}). Check free space and "
-            "that every rank can write there."
-        ) from None
-
-
-def _failures(exc: CheckpointException) -> str:
-    """One line per failed rank, from DCP's exception (which carries each rank's error)."""
-    parts = []
-    for rank, (error, _trace) in sorted(exc.failures.items()):
-        text = str(error).strip().splitlines()
-        parts.append(f"rank {rank}: {type(error).__name__}: {text[0][:400] if text else ''}")
-    return "; ".join(parts)
-
-
-def load_dcp(
-    path: str | Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    *,
-    process_group: dist.ProcessGroup | None = None,
-) -> None:
-    """Load a checkpoint written by :func:`save_dcp`, under any strategy and world size.
-
-    Collective (over ``process_group``). Gradients are cleared first (see
-    :func:`load_full_state`).
-
-    Raises:
-        CheckpointError: a folder is missing, its metadata is not DCP's, or it does not hold
-            the state this model and optimizer need.
-    """
-    path = Path(path)
-    model_sd = get_model_state_dict(model)
-    _dcp_load(model_sd, path / "model", process_group)
-    set_model_state_dict(model, model_sd)
+    """Put states shaped like :func:`sharded_state`'s (filled by a DCP load) into the model and
+    optimizer; ``model_sd=None`` leaves the weights alone. Gradients are cleared first (see
+    :func:`load_full_state`)."""
+    if model_sd is not None:
+        set_model_state_dict(model, model_sd)
     if optimizer is None:
         return
     optimizer.zero_grad(set_to_none=True)
-    optim_sd = get_optimizer_state_dict(model, optimizer)
-    _dcp_load(optim_sd, path / "optim", process_group)
     set_optimizer_state_dict(model, optimizer, optim_sd)
-
-
-def read_dcp_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the DCP checkpoint in ``folder``, whole, on the CPU, in this process.
-
-    For inspection and export (a sharded checkpoint's ``model/`` folder gives the model's
-    weights by parameter name); needs no process group and no model.
-
-    Raises:
-        CheckpointError: ``folder`` holds no DCP checkpoint, or its metadata is not DCP's.
-    """
-    folder = Path(folder)
-    if not (folder / ".metadata").is_file():
-        raise CheckpointError(f"{folder} holds no DCP checkpoint (no .metadata file).")
-    metadata = SafeFileSystemReader(folder).read_metadata()
-    state: StateDict = {
-        fqn: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        for fqn, meta in metadata.state_dict_metadata.items()
-        if isinstance(meta, TensorStorageMetadata)
-    }
-    _dcp_load(state, folder, None, no_dist=True)
-    return state
-
-
-def _dcp_load(
-    state: StateDict,
-    folder: Path,
-    process_group: dist.ProcessGroup | None,
-    *,
-    no_dist: bool | None = None,
-) -> None:
-    if not (folder / ".metadata").is_file():
-        raise CheckpointError(
-            f"rank {_rank()}: {folder} holds no DCP checkpoint (no .metadata file)."
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a")
-            dcp.load(
-                state,
-                storage_reader=SafeFileSystemReader(folder),
-                planner=SafeLoadPlanner(),
-                process_group=process_group,
-                no_dist=not _distributed() if no_dist is None else no_dist,
-            )
-    except CheckpointException as exc:
-        raise CheckpointError(
-            f"rank {_rank()}: cannot load {folder} into this model/optimizer ({_failures(exc)})."
-            " Was it saved from a different model config or optimizer?"
-        ) from None
-    except CheckpointError:
-        raise
-    except dist.DistError as exc:
-        raise DistributedError(f"rank {_rank()}: loading {folder} failed: {exc}") from exc
-    except (RuntimeError, KeyError, ValueError) as exc:
-        raise CheckpointError(
-            f"rank {_rank()}: cannot load {folder} into this model/optimizer: "
-            f"{str(exc).strip().splitlines()[0][:400]}"
-        ) from exc

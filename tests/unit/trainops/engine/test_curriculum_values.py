@@ -7,7 +7,7 @@ import math
 import pytest
 
 from apt.core.config import AnnealSpec
-from apt.trainops.engine.schedules import anneal_value
+from apt.trainops.engine.curriculum import anneal_value
 
 
 @pytest.mark.parametrize("unit", range(6))

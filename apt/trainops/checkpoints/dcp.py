@@ -1,0 +1,190 @@
+"""``torch.distributed.checkpoint`` folders: each rank writes its own shard, any world size reads.
+
+A DCP folder holds ``.metadata`` and one or more ``__<rank>_<i>.distcp`` files per rank. The
+state written is what a strategy's ``sharded_state_dict`` returns, keyed by parameter name, so
+DCP reshards on load: FSDP x2 resumes in one process or under DDP x4, and the reverse.
+
+Loading never unpickles arbitrary objects: ``.metadata`` is read with an unpickler that accepts
+only DCP's own metadata classes, and non-tensor values (optimizer hyper-parameters) with
+``torch.load(weights_only=True)`` (:mod:`~apt.trainops.checkpoints.safe_dcp`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from apt.core.errors import CheckpointError, DistributedError
+from apt.trainops.checkpoints.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+from apt.trainops.distributed import Strategy, group_rank, in_process_group
+
+__all__ = ["load_dcp", "read_dcp_into", "read_dcp_tensors", "save_dcp", "write_dcp"]
+
+StateDict = dict[str, Any]
+
+
+def write_dcp(
+    state: StateDict,
+    folder: Path,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    thread_count: int = 1,
+) -> None:
+    """``dcp.save`` of ``state`` into ``folder`` (each rank its shard; files fsynced).
+
+    ``thread_count`` > 1: each rank writes that many files (``__<rank>_<i>.distcp``) in
+    parallel threads.
+
+    Raises:
+        CheckpointError: any rank failed to write (names each rank's error).
+    """
+    try:
+        with warnings.catch_warnings():
+            # DCP warns that it assumes one process when no process group runs: intended.
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a")
+            dcp.save(
+                state,
+                storage_writer=FileSystemWriter(folder, thread_count=thread_count),
+                process_group=process_group,
+                no_dist=not in_process_group(),
+            )
+    except CheckpointException as exc:  # a BaseException: `except Exception` would miss it
+        raise CheckpointError(
+            f"rank {group_rank()}: writing {folder} failed ({_failures(exc)}). Check free space "
+            "and that every rank can write there."
+        ) from None
+
+
+def read_dcp_into(
+    state: StateDict,
+    folder: Path,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    no_dist: bool | None = None,
+) -> None:
+    """``dcp.load`` into ``state`` in place (each tensor receives its part of the saved one).
+
+    Raises:
+        CheckpointError: ``folder`` holds no DCP checkpoint, its metadata is not DCP's, or it
+            does not hold the tensors ``state`` asks for.
+        DistributedError: a peer failed during the load.
+    """
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(
+            f"rank {group_rank()}: {folder} holds no DCP checkpoint (no .metadata file)."
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a")
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(folder),
+                planner=SafeLoadPlanner(),
+                process_group=process_group,
+                no_dist=not in_process_group() if no_dist is None else no_dist,
+            )
+    except CheckpointException as exc:
+        raise CheckpointError(
+            f"rank {group_rank()}: cannot load {folder} into this model/optimizer "
+            f"({_failures(exc)}). Was it saved from a different model config or optimizer?"
+        ) from None
+    except CheckpointError:
+        raise
+    except dist.DistError as exc:
+        raise DistributedError(f"rank {group_rank()}: loading {folder} failed: {exc}") from exc
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise CheckpointError(
+            f"rank {group_rank()}: cannot load {folder} into this model/optimizer: "
+            f"{str(exc).strip().splitlines()[0][:400]}"
+        ) from exc
+
+
+def save_dcp(
+    path: str | Path,
+    strategy: Strategy,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+) -> list[Path]:
+    """Write ``path/model`` (and ``path/optim``) as DCP folders, each rank its shard.
+
+    Collective (over ``process_group``, default: the whole run). ``path`` must be one folder
+    every rank sees (a shared filesystem across nodes).
+
+    Returns:
+        Every file of the checkpoint (all ranks' shards and the ``.metadata`` files), sorted.
+    """
+    path = Path(path)
+    model_sd, optim_sd = strategy.sharded_state_dict(model, optimizer)
+    write_dcp(model_sd, path / "model", process_group=process_group)
+    folders = [path / "model"]
+    if optimizer is not None:
+        write_dcp(optim_sd, path / "optim", process_group=process_group)
+        folders.append(path / "optim")
+    return sorted(p for folder in folders for p in folder.rglob("*") if p.is_file())
+
+
+def load_dcp(
+    path: str | Path,
+    strategy: Strategy,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
+    """Load what :func:`save_dcp` wrote, under any strategy and world size. Collective.
+
+    Raises:
+        CheckpointError: a folder is missing, its metadata is not DCP's, or it does not hold
+            the state this model and optimizer need.
+    """
+    path = Path(path)
+    model_sd, _ = strategy.sharded_state_dict(model, None)
+    read_dcp_into(model_sd, path / "model", process_group=process_group)
+    strategy.load_sharded_state_dict(model, None, model_sd, {})
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)  # torch creates missing state with a zero step
+        _, optim_sd = strategy.sharded_state_dict(model, optimizer)
+        read_dcp_into(optim_sd, path / "optim", process_group=process_group)
+        strategy.load_sharded_state_dict(model, optimizer, None, optim_sd)
+
+
+def read_dcp_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the DCP checkpoint in ``folder``, whole, on the CPU, in this process.
+
+    For inspection and export (a sharded checkpoint's ``model/`` folder gives the model's
+    weights by parameter name); needs no process group and no model.
+
+    Raises:
+        CheckpointError: ``folder`` holds no DCP checkpoint, or its metadata is not DCP's.
+    """
+    folder = Path(folder)
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"{folder} holds no DCP checkpoint (no .metadata file).")
+    metadata = SafeFileSystemReader(folder).read_metadata()
+    state: StateDict = {
+        fqn: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for fqn, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    read_dcp_into(state, folder, no_dist=True)
+    return state
+
+
+def _failures(exc: CheckpointException) -> str:
+    """One line per failed rank, from DCP's exception (which carries each rank's error)."""
+    parts = []
+    for rank, (error, _trace) in sorted(exc.failures.items()):
+        text = str(error).strip().splitlines()
+        parts.append(f"rank {rank}: {type(error).__name__}: {text[0][:400] if text else ''}")
+    return "; ".join(parts)
