@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from apt.core.errors import ConfigError
 
@@ -59,6 +60,27 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} {name!r}.{did_you_mean} "
                 f"Valid names: {', '.join(self.names())}."
             ) from None
+
+    def lookup(self, name: str) -> Any:
+        """The entry registered as ``name``, or the object an import path
+        ``package.module:Name`` names (imported now: a plugin in the user's own module; None
+        when the module has no such name). The caller checks the object's type.
+
+        Raises:
+            ConfigError: unknown name (with the closest and every valid name), or an import
+                path whose module cannot be imported.
+        """
+        if ":" not in name:
+            return self.get(name)
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"{self.kind} {name!r}: cannot import module {module_name!r} ({exc}); check the "
+                "package is installed or its folder is on PYTHONPATH"
+            ) from None
+        return getattr(module, attr, None)
 
     def names(self) -> list[str]:
         """All registered names, sorted."""

@@ -199,3 +199,43 @@ def test_checkpoint_save_fires_once_per_commit_after_it(tmp_path: Path, async_sa
     assert [step for _, step, _ in saves] == [4, 8, 12]  # each save once, in order
     assert all(committed for _, _, committed in saves)
     assert watcher.seen[-1][0] == "train_end"  # the final save is announced before train_end
+
+
+class GrowHead(Callback):
+    """Stands in for a recipe that trains a value head beside the model: changes it each step."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.head = head
+
+    def on_step_end(self, state: RunState, control: Control) -> None:
+        with torch.no_grad():
+            self.head.weight.add_(1.0)
+
+
+def test_an_extra_part_of_the_bundle_is_checkpointed_and_resumed(tmp_path: Path) -> None:
+    def trainer(max_steps: int, head: nn.Module) -> Trainer:
+        torch.manual_seed(0)
+        built = Trainer(
+            model=BigramLM(),
+            train_dataset=PatternText(),
+            max_steps=max_steps,
+            save_interval=2,
+            output_dir=str(tmp_path),
+            experiment_name="extras",
+            callbacks=[GrowHead(head)],
+        )
+        built.bundle.add("value_head", head)  # one entry: saved, verified and loaded with the rest
+        return built
+
+    head = nn.Linear(4, 1, bias=False)
+    first = trainer(4, head)
+    first.train()
+    at_step_4 = head.weight.detach().clone()
+    assert (
+        tmp_path / "extras/checkpoints/step-000000004/parts/value_head/model.safetensors"
+    ).is_file()
+    fresh = nn.Linear(4, 1, bias=False)
+    second = trainer(6, fresh)  # extends the finished run: resumes at step 4
+    second.train()
+    assert second.state.global_step == 6
+    torch.testing.assert_close(fresh.weight, at_step_4 + 2.0, rtol=0, atol=0)

@@ -9,6 +9,7 @@ from apt.core.config.callbacks import CallbackSpec
 from apt.core.config.data import DataConfig
 from apt.core.config.loader import config_from_dict, list_profiles, load_profile, resolve_profile
 from apt.core.config.model import AlignConfig, ModelConfig, MoEConfig, VoterConfig
+from apt.core.config.plugins import PluginSpec, TaskSpec, TokenizerSpec, validate_options
 from apt.core.config.root import APTConfig
 from apt.core.config.runtime import ArtifactsConfig, EvalConfig, MonitoringConfig
 from apt.core.config.schedules import AnnealSpec, SchedulesConfig
@@ -34,12 +35,16 @@ __all__ = [
     "ModelConfig",
     "MonitoringConfig",
     "OptimizerConfig",
+    "PluginSpec",
     "SchedulerConfig",
     "SchedulesConfig",
+    "TaskSpec",
+    "TokenizerSpec",
     "TrainingConfig",
     "VoterConfig",
     "config_from_dict",
     "list_profiles",
     "load_profile",
     "resolve_profile",
+    "validate_options",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from pydantic import BaseModel, ConfigDict
 
 __all__ = ["Section"]
@@ -12,7 +14,13 @@ class Section(BaseModel):
 
     Every config section is one of these, so a misspelled key anywhere fails validation and a
     component can never mutate the config it was handed.
+
+    ``resume`` says whether changing this section's fields between a checkpoint and a resume
+    refuses the resume (``critical``) or is allowed (``free``); a field's own metadata
+    (:data:`~apt.core.config.resume.CRITICAL` / ``FREE``) overrides it.
     """
+
+    resume: ClassVar[Literal["critical", "free"] | None] = None
 
     model_config = ConfigDict(
         extra="forbid",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,6 +17,7 @@ class CallbackSpec(BaseModel):
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
+    resume: ClassVar[Literal["critical", "free"] | None] = "free"
 
     name: str = Field(description="Built-in callback name or 'package.module:ClassName'.")
 

@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from apt.core.config.base import Section
+from apt.core.config.plugins import TokenizerSpec
+from apt.core.config.resume import FREE
 
 __all__ = ["DataConfig"]
 
@@ -18,6 +20,8 @@ class DataConfig(Section):
     (present on every machine with Python, so the quickstart needs no download);
     ``source: files`` reads ``train_files`` / ``val_files`` (``.txt`` or ``.jsonl``, globs allowed).
     """
+
+    resume = "critical"  # other text or other sequences: another run
 
     source: Literal["python_stdlib", "files"] = Field(
         "python_stdlib", description="Corpus: the Python standard library sources, or your files."
@@ -44,14 +48,21 @@ class DataConfig(Section):
         "(None: all). The validation side is capped in proportion: "
         "max_corpus_bytes * val_fraction / (1 - val_fraction).",
     )
-    tokenizer: Literal["byte"] = Field("byte", description="Tokenizer: byte-level UTF-8 (256 ids).")
+    tokenizer: TokenizerSpec = Field(
+        default_factory=TokenizerSpec,
+        description="Tokenizer and its options: a name (byte: UTF-8 bytes, 256 ids) or "
+        "{kind: name, <option>: value}.",
+    )
     seq_len: int = Field(128, ge=2, description="Tokens per packed training sequence.")
     cache_dir: str | None = Field(
         None,
+        json_schema_extra=FREE,
         description="Folder for token caches (numpy .npy files, memory-mapped on load), keyed by "
         "the file list, sizes, mtimes, tokenizer and seq_len; None: tokenize in memory each run.",
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes.", json_schema_extra=FREE
+    )
     shuffle: bool = Field(True, description="Shuffle sequences each epoch (seeded).")
 
     @model_validator(mode="after")

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from apt.core.config.plugins import PluginSpec
 from apt.core.config.root import APTConfig
 from apt.core.config.schedules import ENTRY_TAGS
 from apt.core.config.schema_walk import field_annotation, model_at, unwrap
@@ -120,8 +121,14 @@ def _canonicalize(data: Any, parts: list[str], root: dict[str, Any], where: str)
             raise ConfigError(
                 f"{where}: {dotted} is given twice (as {name!r} and an alias); keep one"
             )
+        if isinstance(value, str) and _is_plugin(model_at(APTConfig, [*parts, name], root)):
+            value = {"kind": value}  # a bare plugin name: merges and overrides see a mapping
         out[name] = _canonicalize(value, [*parts, name], root, where)
     return out
+
+
+def _is_plugin(model: type[BaseModel] | None) -> bool:
+    return model is not None and issubclass(model, PluginSpec)
 
 
 def _leaf_paths(data: Any, prefix: str = "") -> list[str]:
@@ -145,7 +152,7 @@ def _read_chain(
     parent_name = raw.pop("extends", None)
     data = _canonicalize(raw, [], raw, str(path))
     lines.update({_canonical_path(k): v for k, v in lines.items()})
-    provenance = {key: f"{path}:{lines.get(key, '?')}" for key in _leaf_paths(data)}
+    provenance = {key: f"{path}:{_line_of(key, lines)}" for key in _leaf_paths(data)}
     if parent_name is None:
         return data, provenance
     if not isinstance(parent_name, str):
@@ -159,6 +166,17 @@ def _read_chain(
     # A child mapping that replaced its parent's (a new `type:`) drops the parent's entries.
     kept = {k: v for k, v in parent_provenance.items() if _has_path(merged, k)}
     return merged, {**kept, **provenance}
+
+
+def _line_of(dotted: str, lines: dict[str, int]) -> int | str:
+    """The line of ``dotted``, or of the nearest key above it (``task: causal_lm`` became
+    ``task.kind``)."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        line = lines.get(".".join(parts[:i]))
+        if line is not None:
+            return line
+    return "?"
 
 
 def _canonical_path(dotted: str) -> str:
@@ -220,7 +238,10 @@ def apply_overrides(
         node = out
         for part in parts[:-1]:
             child = node.get(part)
-            if not isinstance(child, dict):
+            if isinstance(child, str):  # a bare plugin name gets options: keep it as the kind
+                child = {"kind": child}
+                node[part] = child
+            elif not isinstance(child, dict):
                 child = {}
                 node[part] = child
             node = child

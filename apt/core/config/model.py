@@ -7,8 +7,12 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, model_validator
 
 from apt.core.config.base import Section
+from apt.core.config.schedules import SCHEDULABLE
 
 __all__ = ["PRESETS", "AlignConfig", "MoEConfig", "ModelConfig", "VoterConfig"]
+
+#: The config block that builds each switchable module.
+_MODULE_BLOCKS = {"moe": "moe", "router": "moe", "align": "align", "voter": "voter"}
 
 #: Named sizes. Keys set explicitly next to ``preset`` win over the preset's values.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -27,6 +31,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class MoEConfig(Section):
     """Mixture-of-experts feed-forward layers (token-choice top-k routing)."""
+
+    resume = "critical"  # another network is another run
 
     enabled: bool = Field(
         False,
@@ -57,12 +63,16 @@ class MoEConfig(Section):
 class AlignConfig(Section):
     """Auxiliary KL loss towards a frozen reference copy of the model."""
 
+    resume = "critical"  # another network is another run
+
     enabled: bool = Field(False, description="Start with the align loss switched on.")
     loss_weight: float = Field(0.1, ge=0, description="Weight of the KL(model || reference) loss.")
 
 
 class VoterConfig(Section):
     """Self-consistency voting at high-entropy positions, used at evaluation and generation."""
+
+    resume = "critical"  # another network is another run
 
     enabled: bool = Field(False, description="Start with voting switched on.")
     entropy_threshold: float = Field(
@@ -73,6 +83,8 @@ class VoterConfig(Section):
 
 class ModelConfig(Section):
     """A decoder-only causal language model (RoPE, RMSNorm, SwiGLU, tied head)."""
+
+    resume = "critical"  # another network is another run
 
     preset: Literal["tiny", "small", "base", "large"] | None = Field(
         None, description="Named size; keys given next to it override the preset's values."
@@ -139,23 +151,15 @@ class ModelConfig(Section):
         return -(-(8 * self.hidden_size // 3) // 64) * 64
 
     def controllable_modules(self) -> list[str]:
-        """Names of the switchable modules this config builds (for schedule validation)."""
-        names = []
-        if self.moe is not None:
-            names += ["moe", "router"]
-        if self.align is not None:
-            names.append("align")
-        if self.voter is not None:
-            names.append("voter")
-        return names
+        """Names of the switchable modules this config builds (``moe`` and ``router`` both
+        come with ``model.moe``)."""
+        return [name for name, block in _MODULE_BLOCKS.items() if getattr(self, block) is not None]
 
     def schedulable_attributes(self) -> list[str]:
-        """Dotted ``module.attribute`` names a schedule may anneal."""
-        attrs = []
-        if self.moe is not None:
-            attrs += ["router.temperature", "moe.capacity_factor", "moe.aux_loss_weight"]
-        if self.align is not None:
-            attrs.append("align.loss_weight")
-        if self.voter is not None:
-            attrs.append("voter.entropy_threshold")
-        return attrs
+        """Dotted ``module.attribute`` names a schedule may anneal (from :data:`SCHEDULABLE`)."""
+        return [
+            f"{module}.{attr}"
+            for module in SCHEDULABLE
+            if module in self.controllable_modules()
+            for attr in SCHEDULABLE[module]
+        ]

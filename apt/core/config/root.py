@@ -13,19 +13,12 @@ from apt.core.config.base import Section
 from apt.core.config.callbacks import CallbackSpec
 from apt.core.config.data import DataConfig
 from apt.core.config.model import ModelConfig
+from apt.core.config.resume import FREE
 from apt.core.config.runtime import ArtifactsConfig, EvalConfig, MonitoringConfig
-from apt.core.config.schedules import ALIASES, ENABLE_KEY, SchedulesConfig
+from apt.core.config.schedules import SchedulesConfig, schedule_errors
 from apt.core.config.training import TrainingConfig
 
 __all__ = ["APTConfig"]
-
-
-_NO_MODULES = "none (add model.moe, model.align or model.voter)"
-
-
-def _valid_names(attrs: list[str]) -> list[str]:
-    """Dotted attribute names and the short aliases that point at them."""
-    return sorted(set(attrs) | {alias for alias, target in ALIASES.items() if target in attrs})
 
 
 class APTConfig(Section):
@@ -49,7 +42,9 @@ class APTConfig(Section):
         default_factory=SchedulesConfig, description="Curriculum: module switches and annealing."
     )
     callbacks: list[CallbackSpec] = Field(
-        default_factory=list, description="Extra callbacks by name or import path."
+        default_factory=list,
+        description="Extra callbacks by name or import path.",
+        json_schema_extra=FREE,
     )
 
     _provenance: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -57,30 +52,13 @@ class APTConfig(Section):
 
     @model_validator(mode="after")
     def _schedules_name_real_things(self) -> APTConfig:
-        modules = self.model.controllable_modules()
-        attrs = self.model.schedulable_attributes()
-        for key, value in self.schedules.root.items():
-            match = ENABLE_KEY.match(key)
-            if match:
-                if not isinstance(value, int):
-                    raise ValueError(f"schedules.{key} must be an integer {match['by']} number")
-                if match["module"] not in modules:
-                    raise ValueError(
-                        f"schedules.{key}: the model has no module {match['module']!r}. "
-                        f"Switchable modules: {', '.join(modules) or _NO_MODULES}"
-                    )
-                continue
-            if isinstance(value, int):
-                raise ValueError(
-                    f"schedules.{key}: an integer is only valid for "
-                    "enable_<module>_at_epoch|step keys"
-                )
-            target = ALIASES.get(key, key)
-            if target not in attrs:
-                raise ValueError(
-                    f"schedules.{key}: {target!r} is not a schedulable attribute of this model. "
-                    f"Valid: {', '.join(_valid_names(attrs)) or 'none'}"
-                )
+        errors = schedule_errors(
+            dict(self.schedules.root),
+            modules=self.model.controllable_modules(),
+            attributes=self.model.schedulable_attributes(),
+        )
+        if errors:
+            raise ValueError(errors[0])
         return self
 
     @classmethod

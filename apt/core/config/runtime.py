@@ -12,6 +12,8 @@ __all__ = ["ArtifactsConfig", "EvalConfig", "MonitoringConfig"]
 class EvalConfig(Section):
     """Periodic validation."""
 
+    resume = "free"
+
     interval: int | None = Field(
         None, ge=1, description="Validate every N optimizer steps (None: at each epoch end)."
     )
@@ -25,6 +27,8 @@ class EvalConfig(Section):
 class MonitoringConfig(Section):
     """Console progress and metric logs."""
 
+    resume = "free"
+
     progress_bar: bool = Field(True, description="Show a progress bar with loss, lr, tokens/s.")
     log_interval: int = Field(10, ge=1, description="Log training metrics every N steps.")
     jsonl: bool = Field(True, description="Append metrics to <run>/metrics.jsonl.")
@@ -32,6 +36,8 @@ class MonitoringConfig(Section):
 
 class ArtifactsConfig(Section):
     """The run folder: ``<output_dir>/<experiment_name>``."""
+
+    resume = "free"
 
     output_dir: str = Field("runs", description="Root of all run folders.")
     experiment_name: str = Field(

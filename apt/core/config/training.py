@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
 from apt.core.config.base import Section
+from apt.core.config.plugins import TaskSpec
+from apt.core.config.resume import CRITICAL
 
 __all__ = [
     "CheckpointConfig",
@@ -19,27 +21,34 @@ __all__ = [
 STRATEGIES = ("single", "ddp", "fsdp")
 
 
-class AdamWConfig(Section):
-    """AdamW (decoupled weight decay)."""
+class _AdamOptions(Section):
+    resume = "free"
 
-    kind: Literal["adamw"] = "adamw"
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
-    weight_decay: float = Field(0.1, ge=0, description="Decay of weight matrices only.")
     fused: bool | None = Field(None, description="Fused kernel; None: on where supported (CUDA).")
 
 
-class AdamConfig(AdamWConfig):
+class AdamWConfig(_AdamOptions):
+    """AdamW (decoupled weight decay)."""
+
+    kind: Literal["adamw"] = Field("adamw", json_schema_extra=CRITICAL)
+    weight_decay: float = Field(0.1, ge=0, description="Decay of weight matrices only.")
+
+
+class AdamConfig(_AdamOptions):
     """Adam (L2 penalty added to the gradient)."""
 
-    kind: Literal["adam"] = "adam"  # type: ignore[assignment]
+    kind: Literal["adam"] = Field("adam", json_schema_extra=CRITICAL)
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty of weight matrices only.")
 
 
 class SGDConfig(Section):
     """SGD with (optional Nesterov) momentum."""
 
-    kind: Literal["sgd"] = "sgd"
+    resume = "free"
+
+    kind: Literal["sgd"] = Field("sgd", json_schema_extra=CRITICAL)
     momentum: float = Field(0.9, ge=0, description="Momentum factor.")
     nesterov: bool = Field(False, description="Nesterov momentum.")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty of weight matrices only.")
@@ -49,6 +58,8 @@ OptimizerConfig = Annotated[AdamWConfig | AdamConfig | SGDConfig, Field(discrimi
 
 
 class _SchedulerBase(Section):
+    resume = "free"
+
     warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 over this many steps.")
 
 
@@ -120,6 +131,8 @@ SchedulerConfig = Annotated[
 class DDPOptions(Section):
     """Options of the ``ddp`` strategy."""
 
+    resume = "free"
+
     bucket_cap_mb: int = Field(25, ge=1, description="Gradient bucket size.")
     static_graph: bool = Field(False, description="Promise the graph never changes.")
     find_unused_parameters: bool | None = Field(
@@ -131,6 +144,8 @@ class DDPOptions(Section):
 
 class FSDPOptions(Section):
     """Options of the ``fsdp`` strategy (FSDP2 ``fully_shard`` per block)."""
+
+    resume = "free"
 
     reshard_after_forward: bool = Field(True, description="Free gathered weights after forward.")
     param_dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
@@ -146,6 +161,8 @@ class FSDPOptions(Section):
 
 class DistributedConfig(Section):
     """How the run is spread over processes; started by ``torchrun`` or ``python -m apt launch``."""
+
+    resume = "free"
 
     enabled: bool | None = Field(
         None, description="Run distributed. None: true for any strategy but 'single'."
@@ -181,6 +198,8 @@ class DistributedConfig(Section):
 class CheckpointConfig(Section):
     """When and where checkpoints are written, and which are kept."""
 
+    resume = "free"
+
     save_interval: int | None = Field(
         500, ge=1, description="Save every N optimizer steps (None: only at the end and on exit)."
     )
@@ -192,7 +211,11 @@ class CheckpointConfig(Section):
         None, ge=1, description="Also keep every checkpoint whose step is a multiple of this."
     )
     async_save: bool = Field(False, description="Write checkpoints in a background thread.")
-    directory: str = Field("checkpoints", description="Folder inside the run folder.")
+    directory: str | None = Field(
+        None,
+        description="Checkpoint folder; a relative path is relative to the working directory. "
+        "None: <run folder>/checkpoints.",
+    )
     on_save_error: Literal["stop", "continue"] = Field(
         "stop", description="After a failed save (disk full): stop the run, or warn and go on."
     )
@@ -201,17 +224,29 @@ class CheckpointConfig(Section):
 class TrainingConfig(Section):
     """Optimisation: steps, batch, optimizer, LR schedule, precision, distribution, checkpoints."""
 
-    task: str = Field("causal_lm", description="Training task (see `python -m apt tasks`).")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch per process.")
+    resume = "free"
+
+    task: TaskSpec = Field(
+        default_factory=TaskSpec,
+        json_schema_extra=CRITICAL,
+        description="Training task and its options: a name (`python -m apt tasks`) or "
+        "{kind: name, <option>: value}.",
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Sequences per micro-batch per process.", json_schema_extra=CRITICAL
+    )
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Micro-batches per optimizer step."
+        1, ge=1, description="Micro-batches per optimizer step.", json_schema_extra=CRITICAL
     )
     learning_rate: float = Field(
         3e-4, gt=0, validation_alias=AliasChoices("learning_rate", "lr"), description="Peak lr."
     )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train.")
     num_epochs: int | None = Field(
-        None, ge=1, description="Epochs to train (with max_steps: whichever ends first)."
+        None,
+        ge=1,
+        description="Epochs to train (with max_steps: whichever ends first). When neither is "
+        "set, the run trains one epoch.",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -219,7 +254,11 @@ class TrainingConfig(Section):
     )
     compile: bool = Field(False, description="Wrap the model with torch.compile.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
-    seed: int = Field(1234, description="Seed of every random source (model init, data order).")
+    seed: int = Field(
+        1234,
+        description="Seed of every random source (model init, data order).",
+        json_schema_extra=CRITICAL,
+    )
     deterministic: bool = Field(False, description="Use deterministic algorithms only.")
     auto_resume: bool = Field(True, description="Continue from the run folder's newest checkpoint.")
     optimizer: OptimizerConfig = Field(default_factory=AdamWConfig, description="Optimizer.")
@@ -231,8 +270,13 @@ class TrainingConfig(Section):
         default_factory=CheckpointConfig, description="Checkpointing."
     )
 
-    @model_validator(mode="after")
-    def _has_an_end(self) -> TrainingConfig:
-        if self.max_steps is None and self.num_epochs is None:
-            raise ValueError("set max_steps or num_epochs (or both) so the run has an end")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _one_epoch_by_default(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("max_steps") is None
+            and data.get("num_epochs") is None
+        ):
+            return {**data, "num_epochs": 1}
+        return data

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from apt.core.config.model import ModelConfig
-from apt.core.config.schedules import ALIASES
+from apt.core.config.schedules import SCHEDULABLE, resolve_attribute
 from apt.core.errors import ConfigError
 from apt.model.architectures.output import ModelOutput
 from apt.model.layers.align import AlignLoss, kl_divergence
@@ -37,6 +37,10 @@ from apt.model.layers.switch import ModuleGroup
 from apt.model.layers.voter import Voter
 
 __all__ = ["APTModel", "Block", "build_model"]
+
+#: Layer attributes whose names differ from the schedule's (``router.temperature`` is the MoE
+#: layer's ``router_temperature``); the names themselves are declared in ``SCHEDULABLE``.
+_LAYER_ATTRIBUTE = {("router", "temperature"): "router_temperature"}
 
 _M = TypeVar("_M", bound="APTModel")
 
@@ -296,34 +300,25 @@ class APTModel(nn.Module):
         """The switchable modules by name (``moe``, ``router``, ``align``, ``voter``; only
         those configured), each with ``enable()``, ``disable()``, ``enabled`` and its
         schedulable attributes. ``moe`` and ``router`` share one switch (the MoE layers)."""
+
+        def group(module: str, layers: list[Any], **kwargs: Any) -> ModuleGroup:
+            names = {a: _LAYER_ATTRIBUTE.get((module, a), a) for a in SCHEDULABLE[module]}
+            return ModuleGroup(layers, names, **kwargs)
+
         groups: dict[str, ModuleGroup] = {}
         if self.config.moe is not None:
             layers = list(self.moe_layers().values())
-            groups["moe"] = ModuleGroup(
-                layers,
-                {"capacity_factor": "capacity_factor", "aux_loss_weight": "aux_loss_weight"},
-                enable=self._enable_moe,
-            )
-            groups["router"] = ModuleGroup(
-                layers, {"temperature": "router_temperature"}, enable=self._enable_moe
-            )
+            groups["moe"] = group("moe", layers, enable=self._enable_moe)
+            groups["router"] = group("router", layers, enable=self._enable_moe)
         if self.align is not None:
-            groups["align"] = ModuleGroup(
-                [self.align], {"loss_weight": "loss_weight"}, enable=self._enable_align
-            )
+            groups["align"] = group("align", [self.align], enable=self._enable_align)
         if self.voter is not None:
-            groups["voter"] = ModuleGroup([self.voter], {"entropy_threshold": "entropy_threshold"})
+            groups["voter"] = group("voter", [self.voter])
         return groups
 
     def schedulable_attributes(self) -> list[str]:
-        """Dotted ``module.attribute`` names a schedule may set; equal to the config's."""
-        groups = self.controllable_modules()
-        return [
-            f"{name}.{attr}"
-            for name in ("router", "moe", "align", "voter")
-            if name in groups
-            for attr in groups[name].attributes
-        ]
+        """Dotted ``module.attribute`` names a schedule may set (the config's declaration)."""
+        return self.config.schedulable_attributes()
 
     def set_scheduled(self, name: str, value: float) -> None:
         """Set a schedulable attribute, e.g. ``set_scheduled("router.temperature", 0.5)``."""
@@ -336,13 +331,10 @@ class APTModel(nn.Module):
         return float(getattr(self.controllable_modules()[module], attr))
 
     def _split_scheduled(self, name: str) -> tuple[str, str]:
-        target = ALIASES.get(name, name)
-        valid = self.schedulable_attributes()
-        if target not in valid:
-            raise ConfigError(
-                f"{name!r} is not a schedulable attribute of this model. "
-                f"Valid: {', '.join(valid) or 'none (add model.moe, model.align or model.voter)'}"
-            )
+        try:
+            target = resolve_attribute(name, self.schedulable_attributes())
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         module, attr = target.split(".")
         return module, attr
 

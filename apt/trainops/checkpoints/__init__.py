@@ -10,7 +10,6 @@ Format, commit protocol and guarantees: ``docs/checkpoints.md``.
 
 from apt.trainops.checkpoints.errors import CheckpointError, CheckpointSaveError
 from apt.trainops.checkpoints.fsio import StageFiles
-from apt.trainops.checkpoints.gathered import GatheredStatePayload
 from apt.trainops.checkpoints.loading import LoadedCheckpoint
 from apt.trainops.checkpoints.manager import CheckpointManager, SaveStats
 from apt.trainops.checkpoints.manifest import (
@@ -18,7 +17,8 @@ from apt.trainops.checkpoints.manifest import (
     VerifiedCheckpoint,
     verify_checkpoint,
 )
-from apt.trainops.checkpoints.payload import FullStatePayload, Payload
+from apt.trainops.checkpoints.parts import Part, describe_parts
+from apt.trainops.checkpoints.payload import FullStatePayload, GatheredStatePayload, Payload
 from apt.trainops.checkpoints.retention import CheckpointInfo, RetentionPolicy, select_kept
 from apt.trainops.checkpoints.rng import capture_rng_state, restore_rng_state
 from apt.trainops.checkpoints.sharded import ShardedStatePayload
@@ -32,6 +32,7 @@ __all__ = [
     "FullStatePayload",
     "GatheredStatePayload",
     "LoadedCheckpoint",
+    "Part",
     "Payload",
     "RetentionPolicy",
     "SaveStats",
@@ -39,6 +40,7 @@ __all__ = [
     "StageFiles",
     "VerifiedCheckpoint",
     "capture_rng_state",
+    "describe_parts",
     "restore_rng_state",
     "select_kept",
     "verify_checkpoint",

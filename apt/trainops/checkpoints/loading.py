@@ -22,7 +22,8 @@ from apt.trainops.checkpoints.layout import (
     step_dir,
 )
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint, read_manifest, verify_checkpoint
-from apt.trainops.checkpoints.payload import Objects, Payload
+from apt.trainops.checkpoints.parts import Part, check_loadable
+from apt.trainops.checkpoints.payload import Payload
 from apt.trainops.checkpoints.rng import join_rng_state, restore_rng_state
 from apt.trainops.checkpoints.tensorio import read_safetensors
 
@@ -124,14 +125,19 @@ def read_trainer_state(ckpt: VerifiedCheckpoint) -> dict[str, Any]:
 def read_checkpoint(
     ckpt: VerifiedCheckpoint,
     payload: Payload,
-    objs: Objects,
+    parts: list[Part],
     *,
     rank: int,
     map_location: str,
     restore_rng: bool,
 ) -> LoadedCheckpoint:
-    """Load a verified checkpoint into ``objs`` and read its trainer state and RNG."""
-    payload.load(ckpt, objs, map_location=map_location)
+    """Load a verified checkpoint into ``parts`` and read its trainer state and RNG.
+
+    Raises:
+        CheckpointError: a part the checkpoint does not hold, or state that does not fit.
+    """
+    check_loadable(parts, ckpt.manifest.saved_parts(), str(ckpt.path))
+    payload.load(ckpt, parts, map_location=map_location)
     trainer_state = read_trainer_state(ckpt)
     plain = ckpt.file(f"{rng_file(rank)}.json")
     tensors = ckpt.file(f"{rng_file(rank)}.safetensors")

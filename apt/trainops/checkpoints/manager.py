@@ -1,26 +1,22 @@
-"""CheckpointManager: transactional saves, verified loads, retention, async writes.
+"""CheckpointManager: the one owner of ``training.checkpoints``: when, where and how to save.
 
-A save is a transaction (see ``docs/checkpoints.md``)::
+It decides when a step is due (``save_interval``), writes saves as transactions (sync or in a
+background thread, ``async_save``), applies the error policy (``on_save_error``), keeps what
+retention says, and loads the newest checkpoint that verifies. A save::
 
     snapshot (caller's thread)   state -> CPU memory; the only part that blocks training
-    stage                        writer: clean debris, mkdir <save_dir>/.tmp-step-N   | barrier
-    write_payload                every rank writes its files (hashed, fsynced)         | barrier
-    commit                       writer: MANIFEST.json, rename to step-N, fsync,
-                                 LATEST, retention                                     | barrier
+    transaction                  stage -> write -> commit (checkpoints/transaction.py)
 
-A checkpoint exists only once its folder has a MANIFEST.json, and the manifest is written after
-every other file, so a crash at any point leaves either the previous state or the new one.
+See ``docs/checkpoints.md`` for the format, the commit protocol and the guarantees.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +25,10 @@ from pydantic import ValidationError
 
 from apt.core.config import CheckpointConfig
 from apt.core.errors import CheckpointError, ConfigError
-from apt.trainops.checkpoints import faults
-from apt.trainops.checkpoints.errors import CheckpointSaveError, human_bytes, save_error_from_os
-from apt.trainops.checkpoints.fsio import StageFiles, dumps_json, fsync_dir
-from apt.trainops.checkpoints.layout import (
-    TRAINER_STATE_FILE,
-    clean_debris,
-    committed_dirs,
-    remove_dir,
-    replaced_dir,
-    rng_file,
-    stage_dir,
-    step_dir,
-    write_latest,
-)
+from apt.core.registry import closest_names
+from apt.trainops.checkpoints.errors import CheckpointSaveError
+from apt.trainops.checkpoints.fsio import dumps_json
+from apt.trainops.checkpoints.layout import clean_debris, committed_dirs, step_dir
 from apt.trainops.checkpoints.loading import (
     LoadedCheckpoint,
     newest_good_checkpoint,
@@ -50,63 +36,50 @@ from apt.trainops.checkpoints.loading import (
     read_trainer_state,
     resolve_checkpoint,
 )
-from apt.trainops.checkpoints.manifest import read_manifest, verify_checkpoint, write_manifest
+from apt.trainops.checkpoints.manifest import read_manifest, verify_checkpoint
+from apt.trainops.checkpoints.parts import describe_parts
 from apt.trainops.checkpoints.payload import FullStatePayload, Payload
-from apt.trainops.checkpoints.retention import CheckpointInfo, RetentionPolicy, select_kept
+from apt.trainops.checkpoints.retention import CheckpointInfo, RetentionPolicy
 from apt.trainops.checkpoints.rng import capture_rng_state, split_rng_state
-from apt.trainops.checkpoints.tensorio import SnapshotBuffers, write_safetensors
+from apt.trainops.checkpoints.tensorio import SnapshotBuffers
+from apt.trainops.checkpoints.transaction import SaveJob, SaveStats, Transaction
 
 __all__ = ["CheckpointManager", "LoadedCheckpoint", "SaveStats"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SaveStats:
-    """Timings of one save. ``blocking_seconds`` is what the caller of ``save`` waited."""
-
-    step: int
-    blocking_seconds: float
-    waited_for_previous_seconds: float
-    total_seconds: float
-    bytes_written: int
-
-
-@dataclass
-class _Objects:
-    model: Any = None
-    optimizer: Any = None
-    scheduler: Any = None
-    scaler: Any = None
-
-
-@dataclass
-class _SaveJob:
-    step: int
-    payload: Any
-    rng: tuple[dict[str, Any], dict[str, torch.Tensor]]
-    trainer_state: bytes
-    metrics: dict[str, Any]
-    cuda_event: Any
-    started: float
-    blocking: float
-    waited: float
+#: The folder checkpoints go to when neither ``save_dir`` nor ``directory`` says.
+DEFAULT_DIR = "checkpoints"
 
 
 def _config(cfg: CheckpointConfig | None, overrides: dict[str, Any]) -> CheckpointConfig:
+    unknown = sorted(set(overrides) - set(CheckpointConfig.model_fields))
+    if unknown:
+        hints = {k: closest_names(k, list(CheckpointConfig.model_fields)) for k in unknown}
+        lines = [
+            f"{k}: unknown option" + (f". Did you mean {hints[k][0]!r}?" if hints[k] else "")
+            for k in unknown
+        ]
+        valid = ", ".join(CheckpointConfig.model_fields)
+        raise ConfigError(f"CheckpointManager(): {'; '.join(lines)}. Valid options: {valid}")
     base = cfg.model_dump() if cfg is not None else {}
     try:
         return CheckpointConfig.model_validate({**base, **overrides})
     except ValidationError as exc:
-        raise ConfigError(f"CheckpointManager: invalid argument(s):\n{exc}") from None
+        lines = [
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+            for e in exc.errors()
+        ]
+        raise ConfigError("CheckpointManager(): " + "; ".join(lines)) from None
 
 
 class CheckpointManager:
-    """Saves, verifies, loads and prunes the checkpoints of one run folder.
+    """Saves, verifies, loads and prunes the checkpoints of one folder.
 
     Args:
         cfg: the ``training.checkpoints`` section (defaults when None).
-        save_dir: where checkpoints live (default: ``cfg.directory``, relative to the cwd).
+        save_dir: where checkpoints live (default: ``cfg.directory``, else ``checkpoints``;
+            relative paths are relative to the working directory).
         is_writer: this process writes the shared files and commits (rank 0).
         barrier: blocks until every rank reaches it; None in a single process. With
             ``async_save`` it is called from the writer thread, so back it by a process group
@@ -118,8 +91,8 @@ class CheckpointManager:
             it (threads in tests) a rank knows only its own failure.
         rank: this process's rank (names its RNG file).
         world_size: number of processes; the writer checks every rank's RNG file is present.
-        payload: the state format (default :class:`FullStatePayload`; a sharded payload plugs in
-            here, see :class:`~apt.trainops.checkpoints.payload.Payload`).
+        payload: the state format (default :class:`FullStatePayload`; see
+            :class:`~apt.trainops.checkpoints.payload.Payload`).
         **overrides: any ``CheckpointConfig`` field (``save_interval=500, keep_last_n=5``),
             validated like the YAML.
 
@@ -142,22 +115,31 @@ class CheckpointManager:
         **overrides: Any,
     ) -> None:
         self.cfg = _config(cfg, overrides)
-        self.save_dir = Path(save_dir if save_dir is not None else self.cfg.directory)
+        self.save_dir = Path(save_dir or self.cfg.directory or DEFAULT_DIR)
         self.is_writer, self.rank, self.world_size = is_writer, rank, world_size
-        self.policy = RetentionPolicy(
-            keep_last_n=self.cfg.keep_last_n,
-            keep_best_n=self.cfg.keep_best_n,
-            best_metric=self.cfg.best_metric,
-            best_mode=self.cfg.best_mode,
-            milestone_interval=self.cfg.milestone_interval,
-        )
         self._barrier_fn = barrier
-        self._agree_fn = agree
-        self._payload: Payload = payload or FullStatePayload()
-        self._buffers = SnapshotBuffers()
         self._lock = threading.Lock()  # commit, retention and recovery never overlap
+        self._transaction = Transaction(
+            self.save_dir,
+            payload=payload or FullStatePayload(),
+            policy=RetentionPolicy(
+                keep_last_n=self.cfg.keep_last_n,
+                keep_best_n=self.cfg.keep_best_n,
+                best_metric=self.cfg.best_metric,
+                best_mode=self.cfg.best_mode,
+                milestone_interval=self.cfg.milestone_interval,
+            ),
+            list_checkpoints=self.list_checkpoints,
+            lock=self._lock,
+            is_writer=is_writer,
+            rank=rank,
+            world_size=world_size,
+            agree=agree or self._barrier_only,
+        )
+        self._buffers = SnapshotBuffers()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._on_committed: Callable[[], None] | None = None  # of the async save in flight
         self.last_save: SaveStats | None = None
         self.last_save_blocking_seconds: float | None = None
         if is_writer:
@@ -194,30 +176,38 @@ class CheckpointManager:
     def save(
         self,
         step: int,
+        parts: Mapping[str, Any] | None = None,
         *,
-        model: torch.nn.Module,
-        optimizer: Any = None,
-        scheduler: Any = None,
-        scaler: Any = None,
         trainer_state: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
-    ) -> Path:
+        on_committed: Callable[[], None] | None = None,
+        **named_parts: Any,
+    ) -> Path | None:
         """Save a checkpoint of ``step``; with ``async_save`` return once the state is copied.
 
         Args:
             step: the optimizer step (names the folder ``step-%09d``).
-            model: the model (plain, ``torch.compile``'d or DDP-wrapped; names are stored clean).
-            optimizer, scheduler, scaler: objects with ``state_dict()``, or None.
+            parts: the named stateful parts to save (a mapping such as
+                :class:`~apt.trainops.engine.TrainingBundle`): ``nn.Module`` (plain,
+                ``torch.compile``'d or DDP-wrapped; names are stored clean), optimizers, and
+                anything with ``state_dict()``/``load_state_dict()``. None values are skipped.
             trainer_state: JSON-compatible loop state (epoch, data cursor, callbacks, ...).
             metrics: JSON numbers; ``best_metric`` among them ranks checkpoints for retention.
+            on_committed: called in this thread once the checkpoint is committed: before
+                ``save`` returns, or (async) by the :meth:`poll` or :meth:`wait` that sees the
+                background commit done.
+            **named_parts: more parts by keyword (``model=model, optimizer=optimizer``).
 
         Returns:
-            The checkpoint's folder (committed already unless ``async_save``).
+            The checkpoint's folder (committed already unless ``async_save``); None when the
+            save failed and ``on_save_error`` is ``continue``.
 
         Raises:
-            CheckpointSaveError: this save failed (sync), or the previous async save failed
-                (this one then did not start). Nothing partial is advertised either way.
-            CheckpointError: a state that cannot be stored without pickle.
+            CheckpointSaveError: with ``on_save_error: stop``, this save failed (sync), or the
+                previous async save failed (this one then did not start). Nothing partial is
+                advertised either way.
+            CheckpointError: a state that cannot be stored without pickle, or a part that is
+                not stateful.
         """
         if step < 0:
             raise CheckpointError(f"cannot save a negative step ({step})")
@@ -232,54 +222,87 @@ class CheckpointManager:
                 f"trainer_state/metrics of step {step} are not JSON: {exc}"
             ) from None
         use_async = self.cfg.async_save
-        snap = self._payload.snapshot(
-            _Objects(model, optimizer, scheduler, scaler),
-            buffers=self._buffers if use_async else None,
-            is_writer=self.is_writer,
+        described = describe_parts({**(parts or {}), **named_parts})
+        snap = self._transaction.payload.snapshot(
+            described, buffers=self._buffers if use_async else None, is_writer=self.is_writer
         )
         event = None
         if use_async and self._buffers.used_cuda:
             event = torch.cuda.Event()
             event.record()
-        job = _SaveJob(
-            step,
-            snap,
-            split_rng_state(capture_rng_state()),
-            state_bytes,
-            metrics,
-            event,
-            started,
-            0.0,
-            waited,
+        job = SaveJob(
+            step=step,
+            payload=snap,
+            parts={p.name: p.record() for p in described},
+            rng=split_rng_state(capture_rng_state()),
+            trainer_state=state_bytes,
+            metrics=metrics,
+            cuda_event=event,
+            started=started,
+            waited=waited,
         )
         if use_async:
+            job.blocking = time.perf_counter() - started
+            self.last_save_blocking_seconds = job.blocking
+            self._on_committed = on_committed
             self._thread = threading.Thread(
                 target=self._background, args=(job,), name="apt-checkpoint-writer"
             )
-            job.blocking = time.perf_counter() - started
-            self.last_save_blocking_seconds = job.blocking
             self._thread.start()
-        else:
-            self._persist(job, in_background=False)
-            self.last_save_blocking_seconds = time.perf_counter() - started
+            return step_dir(self.save_dir, step)
+        try:
+            self.last_save = self._transaction.run(job, in_background=False)
+        except CheckpointSaveError as exc:
+            self._failed(exc)
+            return None
+        self.last_save_blocking_seconds = time.perf_counter() - started
+        if on_committed is not None:
+            on_committed()
         return step_dir(self.save_dir, step)
+
+    def _background(self, job: SaveJob) -> None:
+        try:
+            if job.cuda_event is not None:
+                job.cuda_event.synchronize()
+            self.last_save = self._transaction.run(job, in_background=True)
+        except BaseException as exc:  # kept for the next save()/poll()/wait(), never swallowed
+            log.error("async checkpoint save of step %d failed: %s", job.step, exc)
+            self._error = exc
 
     @property
     def busy(self) -> bool:
         """An async save is still being written (``wait`` would block)."""
         return self._thread is not None and self._thread.is_alive()
 
+    def poll(self) -> None:
+        """If the async save in flight has finished, report it (its ``on_committed``, or its
+        error by ``on_save_error``); never blocks. A training loop calls it after every step."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
     def wait(self) -> None:
-        """Block until the save in flight (if any) is committed; re-raise its error."""
+        """Block until the save in flight (if any) is committed, then report it as
+        :meth:`poll` does (an error is reported once)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        announce, self._on_committed = self._on_committed, None
         if self._error is not None:
             error, self._error = self._error, None
-            raise error
+            if not isinstance(error, CheckpointSaveError):
+                raise error
+            self._failed(error)
+        elif announce is not None:
+            announce()
+
+    def _failed(self, exc: CheckpointSaveError) -> None:
+        """Apply ``on_save_error`` to a failed save."""
+        if self.cfg.on_save_error == "stop":
+            raise exc
+        log.warning("checkpoint of step %d failed, training goes on: %s", exc.step, exc)
 
     def close(self) -> None:
-        """Finish the save in flight (re-raising its error)."""
+        """Finish the save in flight (reporting it as :meth:`wait` does)."""
         self.wait()
 
     def __enter__(self) -> CheckpointManager:
@@ -288,197 +311,46 @@ class CheckpointManager:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _background(self, job: _SaveJob) -> None:
-        try:
-            if job.cuda_event is not None:
-                job.cuda_event.synchronize()
-            self._persist(job, in_background=True)
-        except BaseException as exc:  # kept for the next save()/wait(), never swallowed
-            log.error("async checkpoint save of step %d failed: %s", job.step, exc)
-            self._error = exc
-
     def _barrier(self) -> None:
         if self._barrier_fn is not None:
             self._barrier_fn()
 
-    def _agree(self, ok: bool) -> bool:
-        """A barrier; True when every rank passed ``ok`` (only this rank's without ``agree``)."""
-        if self._agree_fn is None:
-            self._barrier()
-            return ok
-        return self._agree_fn(ok)
-
-    def _persist(self, job: _SaveJob, *, in_background: bool) -> None:
-        """stage -> write_payload -> commit, with the same barriers on every rank."""
-        files = StageFiles(
-            stage_dir(self.save_dir, job.step), job.step, in_background=in_background
-        )
-        error: BaseException | None = None
-        try:
-            if self.is_writer:
-                self.begin(job.step)
-        except BaseException as exc:
-            error = exc
-        if not self._agree(error is None):  # the stage folder exists before anyone writes
-            error = error or self._peer_failed(job.step, "creating the stage folder")
-        if error is None:
-            try:
-                self.write_payload(files, job)
-            except BaseException as exc:
-                error = exc
-        if not self._agree(error is None):  # every rank's files are on disk
-            error = error or self._peer_failed(job.step, "writing its files")
-        if error is None and self.is_writer:
-            try:
-                self.commit(files, metrics=job.metrics)
-            except BaseException as exc:
-                error = exc
-        if error is not None and self.is_writer:
-            self.abort(files.root)
-        if not self._agree(error is None):  # committed (or abandoned) for every rank
-            error = error or self._peer_failed(job.step, "committing")
-        if error is not None:
-            raise self._save_error(error, job.step)
-        total = time.perf_counter() - job.started
-        blocking = job.blocking if in_background else total
-        size = sum(r.size for r in files.records.values())
-        self.last_save = SaveStats(job.step, blocking, job.waited, total, size)
-        if self.is_writer:
-            log.info(
-                "checkpoint %s saved (%s in %.2f s; training blocked %.3f s)",
-                step_dir(self.save_dir, job.step).name,
-                human_bytes(size),
-                total,
-                blocking,
-            )
-
-    def _peer_failed(self, step: int, what: str) -> CheckpointSaveError:
-        return CheckpointSaveError(
-            f"saving the checkpoint of step {step} failed on another rank ({what}; that "
-            "rank's log says why). Nothing was committed; LATEST still names the previous one.",
-            step=step,
-            path=stage_dir(self.save_dir, step),
-        )
-
-    def _save_error(self, error: BaseException, step: int) -> BaseException:
-        if isinstance(error, CheckpointSaveError) or not isinstance(error, Exception):
-            return error
-        if isinstance(error, OSError):
-            return save_error_from_os(error, step=step, save_dir=self.save_dir)
-        new = CheckpointSaveError(
-            f"saving the checkpoint of step {step} failed: {error}. The partial checkpoint was "
-            "removed and LATEST still names the previous one.",
-            step=step,
-            path=stage_dir(self.save_dir, step),
-        )
-        new.__cause__ = error
-        return new
-
-    # ------------------------------------------------------------------ the transaction
-    def begin(self, step: int) -> Path:
-        """Writer: remove debris and create an empty stage folder for ``step``; return it."""
-        with self._lock:
-            clean_debris(self.save_dir)
-            stage = stage_dir(self.save_dir, step)
-            stage.mkdir(parents=True)
-        return stage
-
-    def write_payload(self, files: StageFiles, job: _SaveJob) -> None:
-        """Every rank: write the payload, this rank's RNG, and (writer) the trainer state."""
-        self._payload.write(files, job.payload, is_writer=self.is_writer)
-        plain, tensors = job.rng
-        rel = rng_file(self.rank)
-        files.write_bytes(f"{rel}.json", dumps_json(plain))
-        files.write(f"{rel}.safetensors", lambda fh: write_safetensors(fh.write, tensors, {}))
-        if self.is_writer:
-            files.write_bytes(TRAINER_STATE_FILE, job.trainer_state)
-
-    def commit(self, files: StageFiles, *, metrics: dict[str, Any]) -> Path:
-        """Writer: manifest last, atomic rename into place, LATEST, retention; return the path.
-
-        Raises:
-            CheckpointSaveError: a rank's files are missing.
-        """
-        step = files.step
-        missing = [
-            r for r in range(self.world_size) if not (files.root / f"{rng_file(r)}.json").is_file()
-        ]
-        if missing:
-            raise CheckpointSaveError(
-                f"rank(s) {missing} wrote no RNG state for step {step}", step=step, path=files.root
-            )
-        with self._lock:
-            sequence = 1 + max((i.sequence for i in self.list_checkpoints()), default=0)
-            faults.maybe_kill("kill_before_manifest", step)
-            write_manifest(
-                files, step=step, sequence=sequence, metrics=metrics, world_size=self.world_size
-            )
-            files.fsync_tree()
-            faults.maybe_kill("kill_before_rename", step)
-            target = step_dir(self.save_dir, step)
-            aside = None
-            if target.exists():  # re-saving a step (after a fallback): move the old one aside
-                aside = replaced_dir(self.save_dir, step)
-                if aside.exists():
-                    shutil.rmtree(aside)
-                target.rename(aside)
-                fsync_dir(self.save_dir)
-                faults.maybe_kill("kill_mid_replace", step)
-            files.root.rename(target)
-            fsync_dir(self.save_dir)
-            faults.maybe_kill("kill_before_latest", step)
-            write_latest(self.save_dir, target.name)
-            if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True)
-            self._apply_retention()
-        return target
-
-    def abort(self, stage: Path) -> None:
-        """Writer: remove a failed save's stage folder (LATEST is untouched)."""
-        shutil.rmtree(stage, ignore_errors=True)
-
-    def _apply_retention(self) -> None:
-        infos = self.list_checkpoints()
-        kept = select_kept(infos, self.policy)
-        for info in infos:
-            if info.path in kept:
-                continue
-            try:
-                remove_dir(info.path)
-                log.info("retention: deleted %s", info.name)
-            except OSError as exc:
-                log.warning("retention: could not delete %s: %s", info.path, exc)
+    def _barrier_only(self, ok: bool) -> bool:
+        """Without ``agree``: a plain barrier, and this rank knows only its own outcome."""
+        self._barrier()
+        return ok
 
     # ------------------------------------------------------------------ load
     def load(
         self,
         name_or_step: int | str | Path,
+        parts: Mapping[str, Any] | None = None,
         *,
-        model: torch.nn.Module | None = None,
-        optimizer: Any = None,
-        scheduler: Any = None,
-        scaler: Any = None,
         map_location: str = "cpu",
         restore_rng: bool = False,
+        **named_parts: Any,
     ) -> LoadedCheckpoint:
-        """Verify the named checkpoint and load it into the given objects.
+        """Verify the named checkpoint and load it into the given parts.
 
         Args:
             name_or_step: ``1000``, ``'checkpoint-1000'``, ``'step-000001000'``, or a folder.
-            model, optimizer, scheduler, scaler: objects to load into (None: skipped).
+            parts, **named_parts: the parts to load into, as for :meth:`save`; parts the
+                checkpoint holds but that are not given are not loaded.
             map_location: device tensors are read to.
             restore_rng: also put every RNG back (what a resume wants).
 
         Raises:
             CheckpointError: no such checkpoint, a file that fails verification (named, with
-                expected vs actual size or sha256), or state that does not fit the objects.
+                expected vs actual size or sha256), a part it does not hold, or state that does
+                not fit the objects.
         """
+        described = describe_parts({**(parts or {}), **named_parts})
         self._finish_quietly()  # retention of a save in flight must not race this read
         ckpt = verify_checkpoint(resolve_checkpoint(self.save_dir, name_or_step))
         return read_checkpoint(
             ckpt,
-            self._payload,
-            _Objects(model, optimizer, scheduler, scaler),
+            self._transaction.payload,
+            described,
             rank=self.rank,
             map_location=map_location,
             restore_rng=restore_rng,
@@ -486,22 +358,22 @@ class CheckpointManager:
 
     def load_latest(
         self,
+        parts: Mapping[str, Any] | None = None,
         *,
-        model: torch.nn.Module | None = None,
-        optimizer: Any = None,
-        scheduler: Any = None,
-        scaler: Any = None,
         map_location: str = "cpu",
         restore_rng: bool = False,
         before_load: Callable[[dict[str, Any], Path], None] | None = None,
+        **named_parts: Any,
     ) -> LoadedCheckpoint | None:
-        """Load the newest checkpoint that verifies; None when there is none.
+        """Load the newest checkpoint that verifies into the given parts; None when there is
+        none.
 
         A corrupt or partial newer checkpoint is skipped with a warning naming what was wrong
         and (writer) moved aside as ``.corrupt-step-N``. Collective when a barrier is given.
         ``before_load(trainer_state, path)`` runs once the checkpoint is verified and before
         anything is loaded into the objects (the Trainer's config-drift check; it may raise).
         """
+        described = describe_parts({**(parts or {}), **named_parts})
         self._finish_quietly()  # its barriers must not interleave with this one's
         if self.is_writer:
             with self._lock:
@@ -514,8 +386,8 @@ class CheckpointManager:
             before_load(read_trainer_state(ckpt), ckpt.path)
         return read_checkpoint(
             ckpt,
-            self._payload,
-            _Objects(model, optimizer, scheduler, scaler),
+            self._transaction.payload,
+            described,
             rank=self.rank,
             map_location=map_location,
             restore_rng=restore_rng,

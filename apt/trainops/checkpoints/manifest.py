@@ -2,15 +2,20 @@
 
 ::
 
-    {"format": "apt-checkpoint", "format_version": 1,
+    {"format": "apt-checkpoint", "format_version": 2,
      "step": 1200, "sequence": 7,              # sequence: commit order within the save_dir
      "created": "2025-01-01T12:00:00.000000+00:00",
      "world_size": 1, "apt_version": "...", "torch_version": "...",
      "metrics": {"val_loss": 2.31},
+     "parts": {"model": {"kind": "module"},
+               "optimizer": {"kind": "optimizer", "module": "model"},
+               "lr_scheduler": {"kind": "state"}, ...},
      "files": {"model/model.safetensors": {"size": 497764424, "sha256": "..."}, ...}}
 
 ``sequence`` orders checkpoints by when they were committed, so "newest" stays right when a run
 re-saves an older step after falling back (the highest step is not always the newest).
+``parts`` (new in version 2) names the stateful parts saved; a version-1 manifest has none, and
+its parts are recognised by their files (:func:`~apt.trainops.checkpoints.parts.saved_parts`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from apt.core.errors import CheckpointError
 from apt.core.version import __version__
 from apt.trainops.checkpoints.fsio import FileRecord, StageFiles, dumps_json, hash_file
 from apt.trainops.checkpoints.layout import MANIFEST_FILE
+from apt.trainops.checkpoints.parts import saved_parts
 
 __all__ = [
     "FORMAT",
@@ -40,7 +46,7 @@ __all__ = [
 ]
 
 FORMAT = "apt-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,12 @@ class Manifest:
     files: dict[str, FileRecord]
     metrics: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
+    format_version: int = FORMAT_VERSION
+    parts: dict[str, dict[str, str]] | None = None  # None in format version 1
+
+    def saved_parts(self) -> dict[str, str]:
+        """``{name: kind}`` of the parts this checkpoint holds (either format version)."""
+        return saved_parts(self.parts, self.files)
 
 
 @dataclass(frozen=True)
@@ -71,7 +83,13 @@ class VerifiedCheckpoint:
 
 
 def write_manifest(
-    files: StageFiles, *, step: int, sequence: int, metrics: dict[str, Any], world_size: int
+    files: StageFiles,
+    *,
+    step: int,
+    sequence: int,
+    metrics: dict[str, Any],
+    world_size: int,
+    parts: dict[str, dict[str, str]],
 ) -> None:
     """Write ``MANIFEST.json`` into the stage folder, listing every file already there."""
     records = files.all_records()
@@ -86,6 +104,7 @@ def write_manifest(
         "apt_version": __version__,
         "torch_version": torch.__version__,
         "metrics": metrics,
+        "parts": parts,
         "files": {rel: {"size": r.size, "sha256": r.sha256} for rel, r in records.items()},
     }
     path = files.root / MANIFEST_FILE
@@ -115,7 +134,7 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise _bad(ckpt_dir, f"not an APT checkpoint manifest (format != {FORMAT!r})")
     version = doc.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
         raise _bad(
             ckpt_dir,
             f"format_version {version!r}; this APT reads up to "
@@ -133,6 +152,8 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
             files=files,
             metrics=dict(doc.get("metrics") or {}),
             world_size=int(doc.get("world_size", 1)),
+            format_version=version,
+            parts=_parts(doc.get("parts")) if version >= 2 else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _bad(ckpt_dir, f"malformed ({type(exc).__name__}: {exc})") from None
@@ -141,6 +162,15 @@ def read_manifest(ckpt_dir: Path) -> Manifest:
         if pure.is_absolute() or ".." in pure.parts or rel == MANIFEST_FILE:
             raise _bad(ckpt_dir, f"lists an invalid file path {rel!r}")
     return manifest
+
+
+def _parts(raw: Any) -> dict[str, dict[str, str]]:
+    if not isinstance(raw, dict) or not all(
+        isinstance(rec, dict) and rec.get("kind") in ("module", "optimizer", "state")
+        for rec in raw.values()
+    ):
+        raise TypeError(f"parts must map names to {{'kind': ...}} records, not {raw!r}")
+    return {str(name): {str(k): str(v) for k, v in rec.items()} for name, rec in raw.items()}
 
 
 def verify_checkpoint(ckpt_dir: Path, expected_step: int | None = None) -> VerifiedCheckpoint:

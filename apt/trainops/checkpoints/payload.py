@@ -1,76 +1,64 @@
-"""The payload: how model and optimizer state lie inside a checkpoint folder.
+"""Payloads: how the parts' state lies inside a checkpoint folder.
 
 The manager owns the transaction (stage folder, manifest, rename, LATEST, retention); a payload
-owns only the bytes of the state. :class:`FullStatePayload` is the single-writer format::
+owns only the bytes of the parts (:mod:`~apt.trainops.checkpoints.parts` names their folders).
+Two payloads here write whole (unsharded) states from the writer rank:
 
-    model/model.safetensors      clean parameter names (no ``_orig_mod.``/``module.``)
-    optim/optimizer.pt           optimizer.state_dict() with its tensors replaced by markers,
-                                 read back with torch.load(weights_only=True)
-    optim/optimizer.safetensors  those tensors (exp_avg, exp_avg_sq, step, ...)
-    optim/scheduler.pt           LR scheduler (when given; .safetensors too if it has tensors)
-    optim/scaler.pt              GradScaler (when given)
+* :class:`FullStatePayload` (the default): each object's own ``state_dict()``, no collectives,
+  so it serves any process and any wrapper. Optimizer state is keyed by parameter index.
+* :class:`GatheredStatePayload`: the run's strategy gathers the full state on the writer rank
+  (collective), optimizer state keyed by parameter name, as
+  ``torch.distributed.checkpoint.state_dict`` returns it: what the Trainer saves through under
+  one process and DDP.
 
-A sharded payload (``torch.distributed.checkpoint`` into ``model/`` and ``optim/``, each rank
-writing its shard) implements the same :class:`Payload` protocol: ``snapshot`` and ``write`` run
-on every rank, files it writes without :class:`StageFiles` are hashed when the writer rank builds
-the manifest, and ``load`` reads through the verified checkpoint.
+Both read both key styles, and :class:`~apt.trainops.checkpoints.sharded.ShardedStatePayload`
+(each rank writes its DCP shard) reads these too. Files of a whole state::
+
+    model/model.safetensors        a module: weights by clean name (no _orig_mod./module.)
+    optim/optimizer.pt             an optimizer: its state with tensors replaced by markers,
+    optim/optimizer.safetensors      read back with torch.load(weights_only=True), and the tensors
+    parts/<name>/state.pt          any other part (lr_scheduler, scaler, ...), the same way
 """
 
 from __future__ import annotations
 
 import functools
-import pickle
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
-from apt.core.errors import CheckpointError
 from apt.trainops.checkpoints.fsio import StageFiles
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
+from apt.trainops.checkpoints.parts import Part, module_of, part_file
+from apt.trainops.checkpoints.restore import load_parts
 from apt.trainops.checkpoints.tensorio import (
     SnapshotBuffers,
-    clean_name,
     clean_state_names,
-    join_tensors,
-    read_safetensors,
     snapshot,
     split_tensors,
     write_safetensors,
 )
-from apt.trainops.distributed import unwrap_model
+from apt.trainops.distributed import Strategy, unwrap_model
 
-__all__ = ["FullStatePayload", "Objects", "Payload"]
+__all__ = [
+    "FullStatePayload",
+    "GatheredStatePayload",
+    "Payload",
+    "snapshot_state_parts",
+    "write_state",
+    "write_state_parts",
+]
 
-MODEL_FILE = "model/model.safetensors"
-_STATEFUL = (
-    ("optimizer", "optim/optimizer.pt"),
-    ("scheduler", "optim/scheduler.pt"),
-    ("scaler", "optim/scaler.pt"),
-)
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], fh: Any) -> None:
-    write_safetensors(fh.write, tensors, {})
-
-
-def _tensor_file(rel: str) -> str:
-    return rel.removesuffix(".pt") + ".safetensors"
-
-
-class Objects(Protocol):
-    """What a payload saves and loads (the keyword arguments of ``save``/``load``)."""
-
-    model: nn.Module | None
-    optimizer: Any
-    scheduler: Any
-    scaler: Any
+StateDict = dict[str, Any]
 
 
 class Payload(Protocol):
-    """How model/optimizer state is written into, and read from, a checkpoint folder."""
+    """How the state of a checkpoint's parts is written into, and read from, its folder."""
 
-    def snapshot(self, objs: Objects, *, buffers: SnapshotBuffers | None, is_writer: bool) -> Any:
+    def snapshot(
+        self, parts: list[Part], *, buffers: SnapshotBuffers | None, is_writer: bool
+    ) -> Any:
         """Copy the state this rank writes (caller's thread; the only blocking part of async)."""
         ...
 
@@ -78,92 +66,130 @@ class Payload(Protocol):
         """Write ``snap`` into the stage folder (every rank; may run in the writer thread)."""
         ...
 
-    def load(self, ckpt: VerifiedCheckpoint, objs: Objects, *, map_location: str) -> None:
-        """Load the verified checkpoint into the given objects (every rank)."""
+    def load(self, ckpt: VerifiedCheckpoint, parts: list[Part], *, map_location: str) -> None:
+        """Load the verified checkpoint into the given parts (every rank)."""
         ...
 
 
-def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the user's module with clean names (no wrapper prefixes)."""
-    return clean_state_names(unwrap_model(model).state_dict())
-
-
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load clean-named ``state`` into ``model`` (compiled, DDP-wrapped or plain), strictly.
-
-    Raises:
-        CheckpointError: names or shapes differ (lists what is missing and what is extra).
-    """
-    target = unwrap_model(model)
-    own = {clean_name(key): key for key in target.state_dict()}
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if missing or extra:
-        raise CheckpointError(
-            f"{source} does not match the model: missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {extra[:5]}"
-            f"{' ...' if len(extra) > 5 else ''}. Build the model with the checkpoint's config."
+# ---------------------------------------------------------------------------- state files
+def write_state(files: StageFiles, rel: str, state: Any) -> None:
+    """A state dict as ``rel`` (its structure, through torch.save) and, when it holds tensors,
+    ``rel`` with ``.safetensors`` (the tensors)."""
+    skeleton, tensors = split_tensors(state)
+    files.write(rel, functools.partial(torch.save, skeleton))
+    if tensors:
+        files.write(
+            rel.removesuffix(".pt") + ".safetensors", functools.partial(_write_tensors, tensors)
         )
-    try:
-        target.load_state_dict({own[k]: v for k, v in state.items()}, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{source} does not fit the model: {exc}") from None
 
 
-class FullStatePayload:
-    """Whole (unsharded) state, written by the writer rank only (single process, DDP)."""
+def snapshot_state_parts(parts: list[Part], buffers: SnapshotBuffers | None) -> dict[str, Any]:
+    """Copies of the state dicts of the ``state`` parts (LR scheduler, scaler, ...)."""
+    return {
+        p.name: snapshot(p.obj.state_dict(), what=f"{p.name} state", buffers=buffers)
+        for p in parts
+        if p.kind == "state"
+    }
 
-    def snapshot(self, objs: Objects, *, buffers: SnapshotBuffers | None, is_writer: bool) -> Any:
-        if not is_writer or objs.model is None:
+
+def write_state_parts(files: StageFiles, snap: dict[str, Any]) -> None:
+    """Write what :func:`snapshot_state_parts` copied."""
+    for name, state in snap.items():
+        write_state(files, part_file(name, "state"), state)
+
+
+# ---------------------------------------------------------------------------- payloads
+class _WholeState:
+    """A whole-state payload: module and optimizer state written by the writer rank."""
+
+    #: Gathers and loads states (None: each object's own state_dict, no collectives).
+    strategy: Strategy | None = None
+
+    def _gather(
+        self, module: Part | None, optimizer: Part | None, parts: list[Part]
+    ) -> tuple[StateDict | None, StateDict | None]:
+        raise NotImplementedError
+
+    def snapshot(
+        self, parts: list[Part], *, buffers: SnapshotBuffers | None, is_writer: bool
+    ) -> Any:
+        states: dict[str, tuple[str, Any]] = {}
+        for module, optimizer, first in _pairs(parts):
+            module_sd, optim_sd = self._gather(module, optimizer, parts)  # may be collective
+            if not is_writer:
+                continue
+            if module is not None and first:
+                states[module.name] = (
+                    "module",
+                    snapshot(module_sd, what=module.name, buffers=buffers),
+                )
+            if optimizer is not None:
+                states[optimizer.name] = (
+                    "optimizer",
+                    snapshot(optim_sd, what=f"{optimizer.name} state", buffers=buffers),
+                )
+        if not is_writer:
             return None
-        snap = {"model": snapshot(model_state(objs.model), what="model", buffers=buffers)}
-        for name, _ in _STATEFUL:
-            obj = getattr(objs, name)
-            if obj is not None:
-                snap[name] = snapshot(obj.state_dict(), what=f"{name} state", buffers=buffers)
-        return snap
+        return {"whole": states, "state": snapshot_state_parts(parts, buffers)}
 
     def write(self, files: StageFiles, snap: Any, *, is_writer: bool) -> None:
         if snap is None:
             return
-        files.write(MODEL_FILE, functools.partial(_save_tensors, snap["model"]))
-        for name, rel in _STATEFUL:
-            if name in snap:
-                skeleton, tensors = split_tensors(snap[name])
-                files.write(rel, functools.partial(torch.save, skeleton))
-                if tensors:
-                    files.write(_tensor_file(rel), functools.partial(_save_tensors, tensors))
+        for name, (kind, state) in snap["whole"].items():
+            if kind == "module":
+                rel = part_file(name, "module", ".safetensors")
+                files.write(rel, functools.partial(_write_tensors, state))
+            else:
+                write_state(files, part_file(name, "optimizer"), state)
+        write_state_parts(files, snap["state"])
 
-    def load(self, ckpt: VerifiedCheckpoint, objs: Objects, *, map_location: str) -> None:
-        if objs.model is not None:
-            path = ckpt.file(MODEL_FILE)
-            if path is None and ckpt.file("model/.metadata") is not None:
-                raise CheckpointError(
-                    f"{ckpt.path} is a sharded (DCP) checkpoint; load it with "
-                    "CheckpointManager(payload=ShardedStatePayload(strategy)), or read its "
-                    "weights with apt.trainops.checkpoints.dcp.read_dcp_tensors"
-                    f"('{ckpt.path / 'model'}')"
-                )
-            if path is None:
-                raise CheckpointError(f"{ckpt.path} holds no {MODEL_FILE}")
+    def load(self, ckpt: VerifiedCheckpoint, parts: list[Part], *, map_location: str) -> None:
+        load_parts(ckpt, parts, strategy=self.strategy, map_location=map_location)
 
-            state, _ = read_safetensors(path, device=map_location)
-            load_model_state(objs.model, state, str(path))
-        for name, rel in _STATEFUL:
-            obj = getattr(objs, name)
-            if obj is None:
-                continue
-            path = ckpt.file(rel)
-            if path is None:
-                raise CheckpointError(
-                    f"{ckpt.path} holds no {name} state ({rel}) but a {name} was given to load; "
-                    f"pass {name}=None to load without it"
-                )
-            try:
-                state = torch.load(path, map_location=map_location, weights_only=True)
-                tensor_path = ckpt.file(_tensor_file(rel))
-                if tensor_path is not None:
-                    state = join_tensors(state, read_safetensors(tensor_path, map_location)[0])
-                obj.load_state_dict(state)
-            except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
-                raise CheckpointError(f"{path} does not fit the given {name}: {exc}") from None
+
+def _pairs(parts: list[Part]) -> Iterator[tuple[Part | None, Part | None, bool]]:
+    """(module, optimizer, first): each module part with each of its optimizers (``first`` once
+    per module: that pair also saves and loads the module), then each optimizer whose module is
+    not among the parts."""
+    for module in (p for p in parts if p.kind == "module"):
+        optimizers = [p for p in parts if p.kind == "optimizer" and p.module == module.name]
+        for i, optimizer in enumerate(optimizers or [None]):
+            yield module, optimizer, i == 0
+    for orphan in (p for p in parts if p.kind == "optimizer" and p.module is None):
+        yield None, orphan, False
+
+
+def _write_tensors(tensors: dict[str, torch.Tensor], fh: Any) -> None:
+    write_safetensors(fh.write, tensors, {})
+
+
+class FullStatePayload(_WholeState):
+    """Each object's own ``state_dict()``, written by the writer rank; no collectives."""
+
+    def _gather(
+        self, module: Part | None, optimizer: Part | None, parts: list[Part]
+    ) -> tuple[StateDict | None, StateDict | None]:
+        module_sd = clean_state_names(unwrap_model(module.obj).state_dict()) if module else None
+        return module_sd, optimizer.obj.state_dict() if optimizer is not None else None
+
+
+class GatheredStatePayload(_WholeState):
+    """Full model and optimizer state gathered on the writer rank through ``strategy``
+    (``full_state_dict`` / ``load_full_state_dict``: collective).
+
+    Args:
+        strategy: the run's :class:`~apt.trainops.distributed.Strategy`.
+    """
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy: Strategy = strategy
+
+    def _gather(
+        self, module: Part | None, optimizer: Part | None, parts: list[Part]
+    ) -> tuple[StateDict | None, StateDict | None]:
+        assert module is not None or optimizer is not None
+        owner = module.obj if module is not None else module_of(optimizer, parts)  # type: ignore[arg-type]
+        module_sd, optim_sd = self.strategy.full_state_dict(
+            owner, optimizer.obj if optimizer is not None else None
+        )
+        return (clean_state_names(module_sd) if module is not None else None), optim_sd

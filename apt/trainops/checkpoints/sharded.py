@@ -1,12 +1,13 @@
 """``ShardedStatePayload``: each rank writes its own shard through torch.distributed.checkpoint.
 
 Under a sharded strategy (FSDP2) no rank holds, or gathers, the full state. Each rank writes the
-shards it owns into two DCP folders of the stage folder, inside the same transaction (stage,
-manifest, rename, LATEST) as every other checkpoint::
+shards it owns of every module and optimizer part into that part's DCP folder, inside the same
+transaction (stage, manifest, rename, LATEST) as every other checkpoint::
 
-    model/.metadata  model/__<rank>_0.distcp ...   parameters and buffers, by parameter name
-    optim/.metadata  optim/__<rank>_0.distcp ...   optimizer state, by parameter name
-    optim/scheduler.pt, optim/scaler.pt            written by the writer rank (small, replicated)
+    model/.metadata  model/__<rank>_0.distcp ...   the module "model", by parameter name
+    optim/.metadata  optim/__<rank>_0.distcp ...   the optimizer "optimizer", by parameter name
+    parts/<name>/...                               other parts (the writer writes state parts:
+                                                   LR scheduler, scaler; small, replicated)
 
 Each rank writes its shard as a few files in parallel threads, hashes them in parallel (the
 model's while the optimizer state is being written) and sends the records to the writer, so
@@ -29,19 +30,15 @@ from torch.distributed.tensor import DTensor
 
 from apt.trainops.checkpoints.dcp import write_dcp
 from apt.trainops.checkpoints.fsio import FileRecord, StageFiles, hash_file
-from apt.trainops.checkpoints.gathered import (
-    load_strategy_state,
-    snapshot_others,
-    write_others,
-)
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
-from apt.trainops.checkpoints.payload import Objects
+from apt.trainops.checkpoints.parts import Part, module_of
+from apt.trainops.checkpoints.payload import snapshot_state_parts, write_state_parts
+from apt.trainops.checkpoints.restore import load_parts
 from apt.trainops.checkpoints.tensorio import SnapshotBuffers
-from apt.trainops.distributed import in_process_group
+from apt.trainops.distributed import Strategy, in_process_group
 
 __all__ = ["ShardedStatePayload", "stage_shards"]
 
-_FOLDERS = (("model", "model"), ("optim", "optimizer"))
 #: Files each rank writes per DCP folder, and threads hashing them (sha256 releases the GIL).
 _THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
@@ -51,33 +48,38 @@ class ShardedStatePayload:
 
     Args:
         strategy: the run's :class:`~apt.trainops.distributed.Strategy` (its
-            ``sharded_state_dict`` and ``load_sharded``).
+            ``sharded_state_dict`` and ``load_sharded_state_dict``).
         process_group: the group DCP coordinates over. An async save runs DCP in the writer
             thread, so give it a group of its own (``dist.new_group(backend="gloo")``), as for
             the manager's barrier; None: the default group.
     """
 
-    def __init__(self, strategy: Any, process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, strategy: Strategy, process_group: dist.ProcessGroup | None = None) -> None:
         self.strategy = strategy
         self.group = process_group
 
-    def snapshot(self, objs: Objects, *, buffers: SnapshotBuffers | None, is_writer: bool) -> Any:
-        model_sd, optim_sd = self.strategy.sharded_state_dict(objs.model, objs.optimizer)
-        snap: dict[str, Any] = {"model": stage_shards(model_sd, "model", buffers)}
-        if objs.optimizer is not None:
-            snap["optimizer"] = stage_shards(optim_sd, "optimizer", buffers)
-        snap["others"] = snapshot_others(objs, buffers) if is_writer else {}
-        return snap
+    def snapshot(
+        self, parts: list[Part], *, buffers: SnapshotBuffers | None, is_writer: bool
+    ) -> Any:
+        shards: dict[str, Any] = {}
+        for part in parts:
+            if part.kind == "module":
+                state, _ = self.strategy.sharded_state_dict(part.obj, None)
+            elif part.kind == "optimizer":
+                _, state = self.strategy.sharded_state_dict(module_of(part, parts), part.obj)
+            else:
+                continue
+            shards[part.folder] = stage_shards(state, part.name, buffers)
+        states = snapshot_state_parts(parts, buffers) if is_writer else {}
+        return {"shards": shards, "state": states}
 
     def write(self, files: StageFiles, snap: Any, *, is_writer: bool) -> None:
         rank = dist.get_rank(self.group) if in_process_group() else 0
         hashing: dict[str, Future[FileRecord]] = {}
         with ThreadPoolExecutor(_THREADS, thread_name_prefix="apt-shard-sha256") as pool:
-            for folder, key in _FOLDERS:
-                if key not in snap:
-                    continue
+            for folder, state in snap["shards"].items():
                 write_dcp(
-                    snap[key], files.root / folder, process_group=self.group, thread_count=_THREADS
+                    state, files.root / folder, process_group=self.group, thread_count=_THREADS
                 )
                 for path in sorted((files.root / folder).glob(f"__{rank}_*")):  # DCP's names
                     rel = path.relative_to(files.root).as_posix()
@@ -86,11 +88,15 @@ class ShardedStatePayload:
         everyone = _gather_to_writer(mine, self.group)
         if is_writer:
             files.add_records(everyone)
-            write_others(files, snap["others"])
+            write_state_parts(files, snap["state"])
 
-    def load(self, ckpt: VerifiedCheckpoint, objs: Objects, *, map_location: str) -> None:
-        load_strategy_state(
-            ckpt, objs, self.strategy, map_location=map_location, process_group=self.group
+    def load(self, ckpt: VerifiedCheckpoint, parts: list[Part], *, map_location: str) -> None:
+        load_parts(
+            ckpt,
+            parts,
+            strategy=self.strategy,
+            process_group=self.group,
+            map_location=map_location,
         )
 
 

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from apt.core.config import TokenizerSpec, validate_options
+from apt.core.config.base import Section
 from apt.core.registry import Registry
 
 __all__ = ["TOKENIZERS", "ByteTokenizer", "Tokenizer", "build_tokenizer", "token_dtype"]
@@ -114,10 +116,22 @@ TOKENIZERS: Registry[Callable[[], Tokenizer]] = Registry("tokenizer")
 TOKENIZERS.register("byte")(ByteTokenizer)
 
 
-def build_tokenizer(name: str) -> Tokenizer:
-    """Build the tokenizer registered as ``name``.
+class _NoOptions(Section):
+    """A tokenizer without options."""
+
+
+def build_tokenizer(spec: TokenizerSpec | str) -> Tokenizer:
+    """Build the tokenizer ``spec`` names (``data.tokenizer``), with its options.
+
+    A registered factory takes its options as keywords; its ``Options`` attribute (a config
+    section, default: none) validates them.
 
     Raises:
-        ConfigError: ``name`` is not registered; the message lists the valid names.
+        ConfigError: the name is not registered (the message lists the valid names), or an
+            option the tokenizer does not have.
     """
-    return TOKENIZERS.get(name)()
+    spec = TokenizerSpec.model_validate(spec)
+    factory = TOKENIZERS.lookup(spec.kind)
+    options_model = getattr(factory, "Options", _NoOptions)
+    options = validate_options(options_model, spec.options, where="data.tokenizer")
+    return factory(**options.model_dump())

@@ -9,6 +9,7 @@ state-dict API); APT adds the configuration, the checks and the error messages.
 """
 
 from apt.trainops.distributed.collectives import (
+    RankSums,
     SideChannel,
     all_reduce_mean,
     barrier,
@@ -43,6 +44,7 @@ __all__ = [
     "DDPWrapper",
     "DistEnv",
     "FSDPStrategy",
+    "RankSums",
     "SideChannel",
     "SingleStrategy",
     "Strategy",

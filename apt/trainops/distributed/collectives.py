@@ -21,6 +21,7 @@ from apt.core.errors import DistributedError
 from apt.trainops.distributed.env import group_rank, group_world_size
 
 __all__ = [
+    "RankSums",
     "SideChannel",
     "all_reduce_mean",
     "barrier",
@@ -103,6 +104,41 @@ class SideChannel:
         with distributed_errors("a checkpoint barrier"):
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
+
+
+class RankSums:
+    """Sums over the ranks of a run, as the training loop and the evaluator need them.
+
+    ``host`` sums a number on a gloo side channel, so it never waits for the device (target
+    counts, the stop flag); ``device`` sums a tensor where it lives, on the training group (the
+    loss). In a single process both return their input.
+
+    Args:
+        world_size: processes taking part.
+        side: the channel host sums use (None: the training group, or nothing in one process).
+    """
+
+    def __init__(self, world_size: int = 1, side: SideChannel | None = None) -> None:
+        self.world_size = world_size
+        self._side = side
+
+    def host(self, value: float) -> float:
+        """``value`` summed over every rank (a float)."""
+        if self.world_size == 1:
+            return value
+        if self._side is not None:
+            return self._side.sum(value)
+        total = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(total)
+        return float(total.item())
+
+    def device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every rank (a new tensor on its device)."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
 
 
 @overload

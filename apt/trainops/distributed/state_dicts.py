@@ -140,34 +140,26 @@ def _copy_optim_state(optim_sd: StateDict) -> StateDict:
 def load_full_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    model_sd: StateDict,
+    model_sd: StateDict | None,
     optim_sd: StateDict,
 ) -> None:
     """Load full states (as :func:`gather_full_state` returns them) into a wrapped model.
 
     Collective. When every rank passes the states, each loads its own copy; when only rank 0
-    does (the others pass ``{}``), rank 0 broadcasts them. Gradients are cleared first, since
-    the optimizer's state is created with a zero-gradient step where it does not exist yet.
+    does (the others pass ``{}``), rank 0 broadcasts them. ``model_sd=None`` (on every rank)
+    loads the optimizer alone. Gradients are cleared first, since the optimizer's state is
+    created with a zero-gradient step where it does not exist yet.
 
     Raises:
         CheckpointError: rank 0 has no model state, or names do not match the model.
     """
-    rank0_has, all_have = _who_has(model_sd, optim_sd)
-    if not rank0_has[0]:
-        raise CheckpointError(f"rank {group_rank()}: load_full_state got no model state on rank 0.")
-    broadcast = not all_have[0]
-    try:
-        # torch writes the loaded (sharded) values back into the dict it is given: copy.
-        set_model_state_dict(
-            model,
-            dict(model_sd),
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast),
-        )
-    except (KeyError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"rank {group_rank()}: the model state does not fit this model ({exc}). Was it saved "
-            "from a different model config?"
-        ) from exc
+    rank0_has, all_have = _who_has(model_sd or {}, optim_sd)
+    if model_sd is not None:
+        if not rank0_has[0]:
+            raise CheckpointError(
+                f"rank {group_rank()}: load_full_state got no model state on rank 0."
+            )
+        _load_full_model(model, model_sd, broadcast=not all_have[0])
     if optimizer is None or not rank0_has[1]:
         return
     optimizer.zero_grad(set_to_none=True)
@@ -186,6 +178,21 @@ def load_full_state(
         dist.broadcast_object_list(groups, src=0)
     for group, saved in zip(optimizer.param_groups, groups[0] or [], strict=False):
         group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _load_full_model(model: nn.Module, model_sd: StateDict, *, broadcast: bool) -> None:
+    try:
+        # torch writes the loaded (sharded) values back into the dict it is given: copy.
+        set_model_state_dict(
+            model,
+            dict(model_sd),
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast),
+        )
+    except (KeyError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"rank {group_rank()}: the model state does not fit this model ({exc}). Was it saved "
+            "from a different model config?"
+        ) from exc
 
 
 def sharded_state(

@@ -1,5 +1,6 @@
 """The training engine: Trainer, the loop, events, callbacks, tasks, optimizers, schedules."""
 
+from apt.trainops.engine.bundle import TrainingBundle
 from apt.trainops.engine.callbacks import (
     CALLBACKS,
     Callback,
@@ -34,5 +35,6 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "Trainer",
+    "TrainingBundle",
     "TrainingTask",
 ]

@@ -10,42 +10,26 @@ A checkpoint holds, besides model/optimizer/scheduler/scaler and every rank's RN
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from apt.core.config import APTConfig
+from apt.core.config import APTConfig, config_from_dict
+from apt.core.config.resume import is_resume_critical
 from apt.core.errors import CheckpointError, ConfigError
 from apt.core.version import __version__
 from apt.trainops.checkpoints import CheckpointManager, CheckpointSaveError, LoadedCheckpoint
+from apt.trainops.engine.bundle import TrainingBundle
 from apt.trainops.engine.callbacks.base import CallbackManager
 from apt.trainops.engine.state import TrainState
 
-__all__ = ["RunCheckpoints", "config_drift"]
+__all__ = ["RunCheckpoints", "RunRecord", "config_drift"]
 
 log = logging.getLogger("apt")
-
-#: Dotted prefixes whose change makes a resume meaningless (another model, data or batch).
-RESUME_CRITICAL = (
-    "model.",
-    "data.source",
-    "data.train_files",
-    "data.val_files",
-    "data.text_field",
-    "data.val_fraction",
-    "data.max_corpus_bytes",
-    "data.tokenizer",
-    "data.seq_len",
-    "data.shuffle",
-    "training.task",
-    "training.batch_size",
-    "training.gradient_accumulation_steps",
-    "training.seed",
-    "training.optimizer.kind",
-    "schedules.",
-)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -59,7 +43,8 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(critical, benign) changes between a checkpoint's config and the current one, as
-    ``key: old -> new`` lines."""
+    ``key: old -> new`` lines; the schema says which keys are critical
+    (:mod:`apt.core.config.resume`)."""
     old, new = _flatten(saved), _flatten(current)
     critical: list[str] = []
     benign: list[str] = []
@@ -67,115 +52,130 @@ def config_drift(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[s
         if old.get(key) == new.get(key):
             continue
         line = f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}"
-        is_critical = any(key == p or key.startswith(p) for p in RESUME_CRITICAL)
-        (critical if is_critical else benign).append(line)
+        (critical if is_resume_critical(APTConfig, key) else benign).append(line)
     return critical, benign
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What every checkpoint of a run records about the run, and a resume checks.
+
+    Attributes:
+        config: the resolved config (``APTConfig.to_dict()``).
+        fingerprint: its sha256.
+        world_size: processes in the run.
+    """
+
+    config: dict[str, Any]
+    fingerprint: str
+    world_size: int
+
+    @classmethod
+    def of(cls, config: APTConfig, world_size: int) -> RunRecord:
+        """The record of ``config`` run on ``world_size`` processes."""
+        return cls(config.to_dict(), config.fingerprint(), world_size)
+
+    @property
+    def batch_size(self) -> int:
+        """``training.batch_size`` (micro-batch sequences per rank)."""
+        return int(self.config["training"]["batch_size"])
+
+
+def _as_current_schema(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config as the current schema writes it (``task: causal_lm`` became
+    ``task: {kind: causal_lm}``); as saved when it no longer validates."""
+    try:
+        return config_from_dict(saved, source="the checkpoint's config").to_dict()
+    except ConfigError:
+        return saved
+
+
 class RunCheckpoints:
-    """Saves and resumes one run through a :class:`CheckpointManager`.
+    """Saves and resumes one run through its :class:`CheckpointManager`, which owns the
+    ``training.checkpoints`` policy (when to save, async, on_save_error, retention).
 
     Args:
-        config: the run's config (its ``training.checkpoints`` section configures the manager;
-            the whole config is recorded for drift checks).
-        manager: the checkpoint manager of the run folder.
+        manager: the checkpoint manager of the run.
+        bundle: what the run trains; saved and loaded as a whole.
         callbacks: whose states are saved and restored.
-        world_size: processes in this run.
+        record: the run's config and world size (saved; compared on resume).
         allow_config_change: resume despite resume-critical config changes.
+        export_final: writes what a finished run promises besides its checkpoint (the final
+            model); called before the final checkpoint commits, since a rerun of a run whose
+            final checkpoint exists only says "run already complete".
     """
 
     def __init__(
         self,
-        config: APTConfig,
-        *,
         manager: CheckpointManager,
-        callbacks: CallbackManager,
-        world_size: int,
-        allow_config_change: bool = False,
-    ) -> None:
-        self.config = config
-        self.manager = manager
-        self.callbacks = callbacks
-        self.world_size = world_size
-        self.allow_config_change = allow_config_change
-        self._announce: Callable[[], None] | None = None  # on_saved of the async save in flight
-
-    def save(
-        self,
-        state: TrainState,
         *,
-        model: Any,
-        optimizer: Any,
-        lr_scheduler: Any,
-        scaler: Any,
-        on_saved: Callable[[], None],
-    ) -> Path | None:
-        """Write a checkpoint of the current step; apply ``on_save_error`` to a failure."""
+        bundle: TrainingBundle,
+        callbacks: CallbackManager,
+        record: RunRecord,
+        allow_config_change: bool = False,
+        export_final: Callable[[], None] | None = None,
+    ) -> None:
+        self.manager = manager
+        self.bundle = bundle
+        self.callbacks = callbacks
+        self.record = record
+        self.allow_config_change = allow_config_change
+        self.export_final = export_final
+
+    # ------------------------------------------------------------------ saving
+    def due(self, step: int) -> bool:
+        """Whether the checkpoint policy saves at the end of ``step``."""
+        return self.manager.should_save(step)
+
+    def save(self, state: TrainState, reason: str, *, on_saved: Callable[[], None]) -> None:
+        """Write a checkpoint of the current step (``reason``: interval, exit or final); the
+        run ends after an exit or final save, so those wait for their commit."""
+        if reason == "final" and self.export_final is not None:
+            self.export_final()
         trainer_state = {
             "train": state.to_dict(),
             "callbacks": self.callbacks.state_dict(),
-            "config": self.config.to_dict(),
-            "fingerprint": self.config.fingerprint(),
-            "world_size": self.world_size,
+            "config": self.record.config,
+            "fingerprint": self.record.fingerprint,
+            "world_size": self.record.world_size,
             "versions": {"apt": __version__, "torch": torch.__version__},
         }
-        self.finish()  # a failed async save is reported with its own step; this one still runs
-        try:
-            path = self.manager.save(
+        with self._stop_on_failure():
+            self.manager.save(
                 state.global_step,
-                model=model,
-                optimizer=optimizer,
-                scheduler=lr_scheduler,
-                scaler=scaler,
+                self.bundle,
                 trainer_state=trainer_state,
                 metrics=dict(state.metrics),
+                on_committed=on_saved,
             )
-        except CheckpointSaveError as exc:
-            self._on_save_error(exc)
-            return None
-        if self.manager.cfg.async_save:
-            self._announce = on_saved  # once the background commit is done
-        else:
-            on_saved()
-        return path
+            if reason != "interval":
+                self.manager.wait()
 
     def poll(self) -> None:
-        """If the async save in flight has finished, report it (``on_saved``, or its error).
-
-        Never blocks; the loop calls it after every step.
-        """
-        if self._announce is not None and not self.manager.busy:
-            self.finish()
+        """Report an async save that finished since (its checkpoint_save, or its error)."""
+        with self._stop_on_failure():
+            self.manager.poll()
 
     def finish(self) -> None:
-        """Wait for the save in flight (async); call its ``on_saved`` once committed, or apply
-        ``on_save_error`` to its failure."""
-        announce, self._announce = self._announce, None
-        try:
+        """Wait for the save in flight and report it."""
+        with self._stop_on_failure():
             self.manager.wait()
-        except CheckpointSaveError as exc:
-            self._on_save_error(exc)
-            return
-        if announce is not None:
-            announce()
 
-    def _on_save_error(self, exc: CheckpointSaveError) -> None:
-        if self.config.training.checkpoints.on_save_error == "stop":
+    @contextmanager
+    def _stop_on_failure(self) -> Iterator[None]:
+        try:
+            yield
+        except CheckpointSaveError as exc:  # raised only under on_save_error: stop
             raise CheckpointError(
                 f"{exc}\nThe run stops (training.checkpoints.on_save_error: stop); the "
                 "previous checkpoint is intact and the same command resumes from it."
             ) from None
-        log.warning("checkpoint of step %d failed, training goes on: %s", exc.step, exc)
 
-    def resume(
-        self, state: TrainState, *, model: Any, optimizer: Any, lr_scheduler: Any, scaler: Any
-    ) -> LoadedCheckpoint | None:
-        """Load the newest good checkpoint into the objects and ``state``; None when none."""
+    # ------------------------------------------------------------------ resuming
+    def resume(self, state: TrainState) -> LoadedCheckpoint | None:
+        """Load the newest good checkpoint into the bundle and ``state``; None when none."""
         loaded = self.manager.load_latest(
-            model=model,
-            optimizer=optimizer,
-            scheduler=lr_scheduler,
-            scaler=scaler,
+            self.bundle,
             restore_rng=True,
             # Before the weights: a changed model shape is config drift (exit 2, a diff), not
             # a state_dict size mismatch.
@@ -186,8 +186,8 @@ class RunCheckpoints:
         saved = loaded.trainer_state
         restored = TrainState.from_dict(saved["train"])
         self._carry_data_cursor(restored, saved)
-        for field in vars(restored):
-            setattr(state, field, getattr(restored, field))
+        for name in vars(restored):
+            setattr(state, name, getattr(restored, name))
         self.callbacks.load_state_dict(saved.get("callbacks", {}))
         log.info("resumed from %s (epoch %d, step %d)", loaded.path, state.epoch, state.global_step)
         return loaded
@@ -198,27 +198,30 @@ class RunCheckpoints:
         The cursor counts micro-batches per rank; what is invariant is the number of sequences
         all ranks have read, which must split evenly into the new micro-batches.
         """
-        old_world = int(saved.get("world_size", self.world_size))
+        world = self.record.world_size
+        old_world = int(saved.get("world_size", world))
         old_batch = int(saved.get("config", {}).get("training", {}).get("batch_size", 0))
-        new_batch = self.config.training.batch_size
-        if not old_batch or (old_world, old_batch) == (self.world_size, new_batch):
+        new_batch = self.record.batch_size
+        if not old_batch or (old_world, old_batch) == (world, new_batch):
             return
         consumed = restored.batch_in_epoch * old_batch * old_world
-        per_micro = new_batch * self.world_size
+        per_micro = new_batch * world
         if consumed % per_micro:
             raise ConfigError(
                 f"the checkpoint is {consumed} sequences into epoch {restored.epoch}, which is "
-                f"not a whole number of micro-batches of {new_batch} x {self.world_size} "
-                "processes; pick training.batch_size so that batch_size x world size divides "
+                f"not a whole number of micro-batches of {new_batch} x {world} processes; pick "
+                "training.batch_size so that batch_size x world size divides "
                 f"{consumed}, or resume at an epoch boundary"
             )
         restored.batch_in_epoch = consumed // per_micro
 
     def _check_drift(self, saved: dict[str, Any], path: Path) -> None:
-        current = self.config.to_dict()
-        critical, benign = config_drift(saved.get("config", {}), current)
-        if saved.get("world_size", self.world_size) != self.world_size:
-            critical.append(f"world size: {saved['world_size']} -> {self.world_size}")
+        critical, benign = config_drift(
+            _as_current_schema(saved.get("config", {})), self.record.config
+        )
+        world = self.record.world_size
+        if saved.get("world_size", world) != world:
+            critical.append(f"world size: {saved['world_size']} -> {world}")
         for line in benign:
             log.info("config changed since %s (allowed): %s", path.name, line)
         if critical and not self.allow_config_change:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from torch import nn
 
 from apt.core.config import AnnealSpec, SchedulesConfig
-from apt.core.config.schedules import ALIASES, ENABLE_KEY
+from apt.core.config.schedules import ENABLE_KEY, resolve_attribute, schedule_errors
 from apt.core.errors import ConfigError
 
 __all__ = ["ScheduleExecutor", "anneal_value"]
@@ -93,24 +93,16 @@ class ScheduleExecutor:
             if hasattr(model, "schedulable_attributes")
             else []
         )
+        errors = schedule_errors(dict(schedules.root), modules=list(modules), attributes=attributes)
+        if errors:
+            raise ConfigError("\n".join(errors))
         for key, value in schedules.root.items():
             match = ENABLE_KEY.match(key)
             if match:
-                if match["module"] not in modules:
-                    raise ConfigError(
-                        f"schedules.{key}: the model has no switchable module {match['module']!r}; "
-                        f"it has: {', '.join(modules) or 'none'}"
-                    )
                 self.switches.append(_Switch(match["module"], match["by"], int(value)))  # type: ignore[arg-type]
             else:
-                attribute = ALIASES.get(key, key)
-                if attribute not in attributes:
-                    raise ConfigError(
-                        f"schedules.{key}: the model has no schedulable attribute {attribute!r}; "
-                        f"it has: {', '.join(attributes) or 'none'}"
-                    )
                 assert isinstance(value, AnnealSpec)
-                self.anneals.append(_Anneal(key, attribute, value))
+                self.anneals.append(_Anneal(key, resolve_attribute(key, attributes), value))
         self._modules = modules
         self._declared = declared
         self._logged: dict[str, Any] = {}

@@ -6,34 +6,22 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
-from torch import nn
 
 from apt.core.errors import DataError
+from apt.trainops.distributed import RankSums, Strategy
+from apt.trainops.engine.bundle import TrainingBundle
 from apt.trainops.engine.callbacks.base import CallbackManager
 from apt.trainops.engine.events import Event
 from apt.trainops.engine.state import Control, RunState, TrainState
 from apt.trainops.engine.tasks.base import TrainingTask
 from apt.trainops.eval import Evaluator, to_device
 
-__all__ = ["LoopPlan", "TrainingLoop", "sum_over_ranks"]
+__all__ = ["LoopPlan", "SavePoints", "TrainingLoop"]
 
 log = logging.getLogger("apt")
-
-
-def sum_over_ranks(value: Any, device: torch.device) -> Any:
-    """Sum a float or tensor over all ranks (a float comes back as a float)."""
-    tensor = (
-        value
-        if isinstance(value, torch.Tensor)
-        else torch.tensor(float(value), dtype=torch.float64, device=device)
-    )
-    tensor = tensor.clone()
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor if isinstance(value, torch.Tensor) else float(tensor)
 
 
 @dataclass(frozen=True)
@@ -48,47 +36,69 @@ class LoopPlan:
     max_grad_norm: float | None
     eval_interval: int | None
     eval_at_start: bool
-    save_interval: int | None
+
+
+class SavePoints(Protocol):
+    """What the loop asks of checkpointing (the Trainer's is
+    :class:`~apt.trainops.engine.checkpointing.RunCheckpoints`)."""
+
+    def due(self, step: int) -> bool:
+        """Whether the policy saves at the end of ``step``."""
+        ...
+
+    def save(self, state: TrainState, reason: str, *, on_saved: Callable[[], None]) -> None:
+        """Save now (``reason``: ``interval``, ``exit`` or ``final``); ``on_saved`` runs once
+        the checkpoint is committed."""
+        ...
+
+    def poll(self) -> None:
+        """Report an async save that finished since (never blocks)."""
+        ...
 
 
 class TrainingLoop:
     """Runs optimizer steps over the data, firing events and honouring ``Control`` requests.
 
     The loop knows nothing of model types or parallelism: the task turns batches into losses,
-    the strategy supplies ``no_sync`` / ``clip_grad_norm_`` / cross-rank reductions, and the
-    ``save`` callable writes checkpoints.
+    the strategy supplies ``no_sync`` / ``clip_grad_norm_``, ``sums`` the cross-rank sums, and
+    ``checkpoints`` decides and writes saves.
+
+    Args:
+        plan: steps, epochs, accumulation and eval cadence.
+        bundle: the model, optimizer, LR scheduler and scaler to train (and any extra part).
+        task: turns a batch into a loss.
+        train_loader: the micro-batches (a resumable sampler is used when it has one).
+        evaluator: validation (None: no evaluation).
+        callbacks: the event listeners.
+        strategy: how the model is spread over ranks.
+        checkpoints: when and how to save.
+        autocast: a factory of the mixed-precision context.
+        sums: sums over the data-parallel ranks.
+        state: the counters to continue from (a resume loads into them).
     """
 
     def __init__(
         self,
         plan: LoopPlan,
+        bundle: TrainingBundle,
         *,
-        model: nn.Module,
         task: TrainingTask,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler: Any,
-        scaler: torch.amp.GradScaler,
-        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
         train_loader: Any,
         evaluator: Evaluator | None,
         callbacks: CallbackManager,
-        strategy: Any,
-        device: torch.device,
+        strategy: Strategy,
+        checkpoints: SavePoints,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+        sums: RankSums,
         state: TrainState,
-        save: Callable[[str], None],
-        poll_saves: Callable[[], None] | None = None,
-        host_sum: Callable[[float], float] | None = None,
-        rank: int = 0,
-        world_size: int = 1,
     ) -> None:
-        self.plan = plan
-        self.model, self.task, self.optimizer = model, task, optimizer
-        self.lr_scheduler, self.scaler, self.autocast = lr_scheduler, scaler, autocast
+        assert bundle.optimizer is not None and bundle.scaler is not None
+        self.plan, self.bundle, self.task = plan, bundle, task
+        self.model, self.optimizer, self.scaler = bundle.model, bundle.optimizer, bundle.scaler
         self.train_loader, self.evaluator, self.callbacks = train_loader, evaluator, callbacks
-        self.strategy, self.device, self.state, self.save = strategy, device, state, save
-        self.world_size = world_size
-        self.poll_saves = poll_saves
-        self.host_sum = host_sum
+        self.strategy, self.checkpoints, self.autocast = strategy, checkpoints, autocast
+        self.sums, self.state = sums, state
+        self.device = strategy.env.device
         self.criterion = task.build_criterion()
         self.control = Control()
         self.exit_requested = False  # agreed by every rank; the loop saves and leaves
@@ -96,16 +106,13 @@ class TrainingLoop:
         self._local_exit = False  # this process received SIGTERM/SIGINT
         self.view = RunState(
             state,
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            rank=rank,
-            world_size=world_size,
+            bundle,
+            rank=strategy.env.rank,
+            world_size=sums.world_size,
             max_steps=plan.total_steps,
             steps_per_epoch=plan.steps_per_epoch,
             num_epochs=plan.num_epochs,
         )
-        self._params = [p for p in model.parameters() if p.requires_grad]
         self._last_eval_step: int | None = None
 
     def request_exit(self, signum: int) -> None:
@@ -149,7 +156,7 @@ class TrainingLoop:
         if "val_loss" in self.state.metrics:
             self.state.metrics["val_loss_final"] = self.state.metrics["val_loss"]
         self.state.finished = True
-        self.save("final")
+        self._save("final")
 
     def _run_epoch(self) -> None:
         state, plan = self.state, self.plan
@@ -191,12 +198,12 @@ class TrainingLoop:
         self.fire(Event.STEP_START)
         micro = self._take(batches, plan.accumulation)
         counts = [self.task.count_targets(b) for b in micro]
-        global_count = self._sum_host(float(sum(counts)))
+        global_count = self.sums.host(float(sum(counts)))
         if global_count <= 0:
             raise DataError(f"step {state.global_step}: the batches hold no targets to train on")
         # Weight each micro-batch by its share of the step's targets over all ranks; DDP then
         # averages over ranks, so the update equals one large batch of every target.
-        scale = self.world_size / global_count
+        scale = self.sums.world_size / global_count
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, batch in enumerate(micro):
             self.fire(Event.BATCH_START)
@@ -218,7 +225,7 @@ class TrainingLoop:
         # The loss stays on the device (read only when someone looks); whether any rank got
         # SIGTERM/SIGINT is summed on the host, so every rank agrees to stop at the end of this
         # very step without waiting for the device.
-        state.last_loss = self._sum_over_ranks(loss_sum) / global_count
+        state.last_loss = self.sums.device(loss_sum) / global_count
         self.exit_requested = self.exit_requested or self._exit_agreed()
         state.lr = float(self.optimizer.param_groups[0]["lr"])
         self.fire(Event.STEP_END)
@@ -242,32 +249,21 @@ class TrainingLoop:
         self.scaler.update()
         self.fire(Event.AFTER_OPTIMIZER_STEP)
         self.optimizer.zero_grad(set_to_none=True)
-        self.lr_scheduler.step()
+        self.bundle.lr_scheduler.step()
 
     def _exit_agreed(self) -> bool:
         """Whether any rank received SIGTERM/SIGINT (one tiny host collective when
         distributed)."""
-        return self._sum_host(float(self._local_exit)) > 0
+        return self.sums.host(float(self._local_exit)) > 0
 
-    def _sum_over_ranks(self, value: Any) -> Any:
-        if self.world_size == 1:
-            return value
-        return sum_over_ranks(value, self.device)
-
-    def _sum_host(self, value: float) -> float:
-        """Sum a host number over ranks; through ``host_sum`` it never waits for the device."""
-        if self.world_size == 1:
-            return value
-        if self.host_sum is not None:
-            return self.host_sum(value)
-        return float(sum_over_ranks(value, self.device))
+    def _save(self, reason: str) -> None:
+        self.checkpoints.save(self.state, reason, on_saved=lambda: self.fire(Event.CHECKPOINT_SAVE))
 
     # ----------------------------------------------------------------------------- control
     def _control_point(self, *, end_of_epoch: bool) -> None:
         state, plan, control = self.state, self.plan, self.control
         step = state.global_step
-        if self.poll_saves is not None:
-            self.poll_saves()  # an async checkpoint committed since: checkpoint_save fires now
+        self.checkpoints.poll()  # an async checkpoint committed since: checkpoint_save fires now
         if end_of_epoch and not self.exit_requested and self._exit_agreed():
             self.exit_requested = True
         if not end_of_epoch and step >= plan.total_steps:
@@ -278,12 +274,10 @@ class TrainingLoop:
         if (due_eval or control.should_evaluate) and not state.finished:
             control.should_evaluate = False
             self.evaluate()
-        due_save = (
-            plan.save_interval is not None and step % plan.save_interval == 0 and not end_of_epoch
-        )
+        due_save = not end_of_epoch and self.checkpoints.due(step)
         if (due_save or control.should_save or self.exit_requested) and not state.finished:
             control.should_save = False
-            self.save("exit" if self.exit_requested else "interval")
+            self._save("exit" if self.exit_requested else "interval")
         if control.should_stop and not state.finished:
             log.info("stopping at step %d: %s", step, control.stop_reason or "requested")
             state.stop_reason = control.stop_reason or "stop requested by a callback"
@@ -297,7 +291,7 @@ class TrainingLoop:
         metrics = self.evaluator.evaluate()
         self.state.metrics.update(metrics)
         self._last_eval_step = self.state.global_step
-        report = getattr(self.lr_scheduler, "report", None)
+        report = getattr(self.bundle.lr_scheduler, "report", None)
         if report is not None and "val_loss" in metrics:
             report(metrics["val_loss"])
         self.fire(Event.EVAL_END)

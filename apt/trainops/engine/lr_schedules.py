@@ -1,8 +1,10 @@
 """Learning-rate schedules with linear warmup, as closed-form multipliers of the peak lr.
 
-Each schedule is a function ``multiplier(step)`` of the number of optimizer steps already taken;
-``torch.optim.lr_scheduler.LambdaLR`` applies it, so the state to checkpoint is one counter.
-``plateau`` reacts to validation loss and is a small stateful scheduler of its own.
+Every schedule is a builder in :data:`LR_SCHEDULES` under its ``training.scheduler.type``. The
+closed-form ones register a shape with :func:`closed_form`: ``multiplier(step)`` of the number
+of optimizer steps already taken, applied by ``torch.optim.lr_scheduler.LambdaLR``, so the state
+to checkpoint is one counter. ``plateau`` reacts to validation loss and is a small stateful
+scheduler of its own.
 """
 
 from __future__ import annotations
@@ -24,42 +26,76 @@ from apt.core.config.training import (
     StepSchedule,
     WSDSchedule,
 )
+from apt.core.registry import Registry
 
-__all__ = ["PlateauScheduler", "build_lr_scheduler", "lr_multiplier"]
+__all__ = ["LR_SCHEDULES", "PlateauScheduler", "build_lr_scheduler", "closed_form", "lr_multiplier"]
 
 
-def lr_multiplier(cfg: SchedulerConfig, total_steps: int) -> Callable[[int], float]:
-    """The multiplier of the peak lr at each step (0-based) for a non-plateau schedule."""
+#: LR scheduler builders by ``training.scheduler.type``: ``build(cfg, optimizer, total_steps)``.
+LR_SCHEDULES: Registry[Callable[[Any, Optimizer, int], Any]] = Registry("LR schedule")
+
+Shape = Callable[[Any, float, int], float]
+
+
+def closed_form(name: str) -> Callable[[Shape], Shape]:
+    """Register ``shape(cfg, progress, steps_after_warmup) -> multiplier`` as schedule ``name``:
+    linear warmup, then the shape over the steps left (``progress`` from 0 to 1)."""
+
+    def register(shape: Shape) -> Shape:
+        def build(cfg: Any, optimizer: Optimizer, total_steps: int) -> LambdaLR:
+            return LambdaLR(optimizer, lr_multiplier(cfg, total_steps, shape))
+
+        LR_SCHEDULES.register(name)(build)
+        return shape
+
+    return register
+
+
+def lr_multiplier(cfg: SchedulerConfig, total_steps: int, shape: Shape) -> Callable[[int], float]:
+    """The multiplier of the peak lr at each step (0-based): warmup, then ``shape``."""
     warmup = cfg.warmup_steps
     span = max(total_steps - warmup, 1)
-
-    def shape(progress: float, after_warmup: int) -> float:
-        if isinstance(cfg, ConstantSchedule | PlateauSchedule):
-            return 1.0
-        if isinstance(cfg, LinearSchedule):
-            return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
-        if isinstance(cfg, CosineSchedule):
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-        if isinstance(cfg, StepSchedule):
-            return float(cfg.gamma ** (after_warmup // cfg.step_size))
-        if isinstance(cfg, ExponentialSchedule):
-            return float(cfg.gamma**after_warmup)
-        if isinstance(cfg, WSDSchedule):
-            decay_start = 1.0 - cfg.decay_fraction
-            if progress <= decay_start:
-                return 1.0
-            return 1.0 - (1.0 - cfg.min_lr_ratio) * (progress - decay_start) / cfg.decay_fraction
-        raise AssertionError(f"unhandled schedule {type(cfg).__name__}")
 
     def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         after = step - warmup
-        return shape(min(after / span, 1.0), after)
+        return shape(cfg, min(after / span, 1.0), after)
 
     return multiplier
+
+
+@closed_form("constant")
+def _constant(cfg: ConstantSchedule, progress: float, after: int) -> float:
+    return 1.0
+
+
+@closed_form("linear")
+def _linear(cfg: LinearSchedule, progress: float, after: int) -> float:
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * progress
+
+
+@closed_form("cosine")
+def _cosine(cfg: CosineSchedule, progress: float, after: int) -> float:
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@closed_form("step")
+def _step(cfg: StepSchedule, progress: float, after: int) -> float:
+    return float(cfg.gamma ** (after // cfg.step_size))
+
+
+@closed_form("exponential")
+def _exponential(cfg: ExponentialSchedule, progress: float, after: int) -> float:
+    return float(cfg.gamma**after)
+
+
+@closed_form("wsd")
+def _wsd(cfg: WSDSchedule, progress: float, after: int) -> float:
+    decay_start = 1.0 - cfg.decay_fraction
+    if progress <= decay_start:
+        return 1.0
+    return 1.0 - (1.0 - cfg.min_lr_ratio) * (progress - decay_start) / cfg.decay_fraction
 
 
 class PlateauScheduler:
@@ -124,7 +160,14 @@ class PlateauScheduler:
 def build_lr_scheduler(
     cfg: SchedulerConfig, *, optimizer: Optimizer, total_steps: int
 ) -> LambdaLR | PlateauScheduler:
-    """The scheduler for ``training.scheduler``; call ``.step()`` once per optimizer step."""
-    if isinstance(cfg, PlateauSchedule):
-        return PlateauScheduler(cfg, optimizer)
-    return LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
+    """The scheduler for ``training.scheduler``; call ``.step()`` once per optimizer step.
+
+    Raises:
+        ConfigError: no schedule is registered under ``cfg.type``.
+    """
+    return LR_SCHEDULES.get(cfg.type)(cfg, optimizer, total_steps)
+
+
+@LR_SCHEDULES.register("plateau")
+def _plateau(cfg: PlateauSchedule, optimizer: Optimizer, total_steps: int) -> PlateauScheduler:
+    return PlateauScheduler(cfg, optimizer)  # reacts to evaluations: a scheduler of its own

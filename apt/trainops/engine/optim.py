@@ -1,15 +1,20 @@
-"""Optimizer factory: AdamW, Adam, SGD with parameter groups (no decay on biases, norms,
-embeddings) and fused kernels where the parameters allow them."""
+"""Optimizers by ``training.optimizer.kind`` (registry :data:`OPTIMIZERS`): AdamW, Adam, SGD,
+with parameter groups (no decay on biases, norms, embeddings) and fused kernels where the
+parameters allow them. A new kind is a config section in ``apt.core.config.training`` and a
+builder registered here."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from torch import nn
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from apt.core.config import OptimizerConfig
 from apt.core.config.training import AdamConfig, AdamWConfig, SGDConfig
+from apt.core.registry import Registry
 
-__all__ = ["build_optimizer", "parameter_groups"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "parameter_groups"]
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
@@ -38,36 +43,48 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, ob
     return groups
 
 
-def _fused_ok(model: nn.Module, requested: bool | None) -> bool:
-    on_cuda = all(p.is_cuda for p in model.parameters())
-    return on_cuda if requested is None else requested
+def _fused(model: nn.Module, requested: bool | None) -> bool | None:
+    """Fused kernels when asked, or (None) when every parameter is on CUDA."""
+    fused = all(p.is_cuda for p in model.parameters()) if requested is None else requested
+    return fused or None
+
+
+Groups = list[dict[str, object]]
+
+#: Optimizer builders by ``training.optimizer.kind``: ``build(cfg, groups, lr, model)``, ``cfg``
+#: the validated section of that kind.
+OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer")
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(
+    cfg: AdamWConfig, groups: list[dict[str, object]], lr: float, model: nn.Module
+) -> Optimizer:
+    return AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=_fused(model, cfg.fused))
+
+
+@OPTIMIZERS.register("adam")
+def _adam(
+    cfg: AdamConfig, groups: list[dict[str, object]], lr: float, model: nn.Module
+) -> Optimizer:
+    return Adam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=_fused(model, cfg.fused))
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(cfg: SGDConfig, groups: Groups, lr: float, model: nn.Module) -> Optimizer:
+    return SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
 def build_optimizer(cfg: OptimizerConfig, *, model: nn.Module, learning_rate: float) -> Optimizer:
-    """Build the optimizer named by ``cfg.kind`` over ``model``'s parameter groups.
+    """Build the optimizer ``cfg.kind`` names over ``model``'s parameter groups.
 
     Args:
         cfg: ``training.optimizer``.
         model: the model whose parameters are optimised (after the strategy wrapped it).
         learning_rate: the peak learning rate (the LR scheduler scales it).
+
+    Raises:
+        ConfigError: no optimizer is registered under ``cfg.kind``.
     """
     groups = parameter_groups(model, cfg.weight_decay)
-    if isinstance(cfg, AdamConfig):
-        return Adam(
-            groups,
-            lr=learning_rate,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            fused=_fused_ok(model, cfg.fused) or None,
-        )
-    if isinstance(cfg, AdamWConfig):
-        return AdamW(
-            groups,
-            lr=learning_rate,
-            betas=cfg.betas,
-            eps=cfg.eps,
-            fused=_fused_ok(model, cfg.fused) or None,
-        )
-    if isinstance(cfg, SGDConfig):
-        return SGD(groups, lr=learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    raise AssertionError(f"unhandled optimizer config {type(cfg).__name__}")
+    return OPTIMIZERS.get(cfg.kind)(cfg, groups, learning_rate, model)

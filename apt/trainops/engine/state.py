@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torch import nn
-    from torch.optim import Optimizer
+    from apt.trainops.engine.bundle import TrainingBundle
 
 __all__ = ["Control", "RunState", "TrainState"]
 
@@ -70,21 +69,20 @@ class RunState:
     """A read-only view of the run handed to every callback.
 
     Fields cannot be reassigned (``state.global_step = 3`` raises ``AttributeError``); the
-    model, optimizer and LR scheduler are the live objects, so a callback can act on them.
+    bundle's parts (model, optimizer, LR scheduler, ...) are the live objects, so a callback can
+    act on them.
     """
 
-    __slots__ = ("_env", "_objects", "_train")
+    __slots__ = ("_bundle", "_env", "_train")
     _train: TrainState
-    _objects: tuple[Any, Any, Any]
+    _bundle: TrainingBundle
     _env: tuple[int, int, int | None, int | None, int | None]
 
     def __init__(
         self,
         train: TrainState,
+        bundle: TrainingBundle,
         *,
-        model: nn.Module,
-        optimizer: Optimizer | None,
-        lr_scheduler: Any,
         rank: int = 0,
         world_size: int = 1,
         max_steps: int | None = None,
@@ -92,7 +90,7 @@ class RunState:
         num_epochs: int | None = None,
     ) -> None:
         object.__setattr__(self, "_train", train)
-        object.__setattr__(self, "_objects", (model, optimizer, lr_scheduler))
+        object.__setattr__(self, "_bundle", bundle)
         object.__setattr__(self, "_env", (rank, world_size, max_steps, steps_per_epoch, num_epochs))
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -111,9 +109,10 @@ class RunState:
         lambda self: float(self._train.grad_norm), doc="Latest pre-clip grad norm."
     )
     metrics = property(lambda self: dict(self._train.metrics), doc="Latest metric values (copy).")
-    model = property(lambda self: self._objects[0], doc="The model being trained.")
-    optimizer = property(lambda self: self._objects[1], doc="The optimizer.")
-    lr_scheduler = property(lambda self: self._objects[2], doc="The LR scheduler.")
+    bundle = property(lambda self: self._bundle, doc="Every stateful part of the run, by name.")
+    model = property(lambda self: self._bundle.model, doc="The model being trained.")
+    optimizer = property(lambda self: self._bundle.optimizer, doc="The optimizer.")
+    lr_scheduler = property(lambda self: self._bundle.lr_scheduler, doc="The LR scheduler.")
     rank = property(lambda self: self._env[0], doc="This process's rank.")
     world_size = property(lambda self: self._env[1], doc="Number of processes.")
     max_steps = property(lambda self: self._env[2], doc="Total optimizer steps planned.")

@@ -50,10 +50,10 @@ FAULT_HOOK = "callbacks=[{name: trainer_hooks:FaultHook}]"
 def tiny_train_size() -> int:
     """Sequences in the training split of the BASE run (what every rank's sampler shares)."""
     from apt import load_profile
-    from apt.trainops.engine import TASKS
+    from apt.trainops.engine.tasks import build_task
 
     cfg = load_profile("cpu/tiny", overrides=list(BASE))
-    train_set, _ = TASKS.get(cfg.training.task)().build_datasets(cfg.data, seed=cfg.training.seed)
+    train_set, _ = build_task(cfg.training.task).build_datasets(cfg.data, seed=cfg.training.seed)
     assert isinstance(train_set, Sized)
     return len(train_set)
 

@@ -121,10 +121,11 @@ class Strategy:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None,
-        model_sd: StateDict,
+        model_sd: StateDict | None,
         optim_sd: StateDict,
     ) -> None:
-        """Load full states (on every rank, or on rank 0 only: then broadcast). Collective."""
+        """Load full states (on every rank, or on rank 0 only: then broadcast); ``model_sd=None``
+        loads the optimizer alone. Collective."""
         load_full_state(model, optimizer, model_sd, optim_sd)
 
     def sharded_state_dict(

@@ -69,7 +69,8 @@ class EntropyBasedVotingCallback(Callback):
 
     def on_eval_end(self, state: RunState, control: Control) -> None:
         entropy = state.metrics.get(self.monitor)
-        voter = dict(unwrap_model(state.model).controllable_modules()).get("voter")
+        model: Any = unwrap_model(state.model)  # models declare controllable_modules()
+        voter = dict(model.controllable_modules()).get("voter")
         if entropy is None or voter is None:
             return
         want = entropy > self.threshold

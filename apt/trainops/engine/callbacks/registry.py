@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from typing import Any
 
@@ -31,19 +30,11 @@ CALLBACKS.register("schedule")(ScheduleCallback)
 CALLBACKS.register("entropy_voting")(EntropyBasedVotingCallback)
 
 
-def _import_class(path: str) -> type[Callback]:
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"callbacks: cannot import module {module_name!r} for {path!r} ({exc}); check the "
-            "package is installed and on PYTHONPATH"
-        ) from None
-    cls = getattr(module, attr, None)
+def _callback_class(name: str) -> type[Callback]:
+    cls = CALLBACKS.lookup(name)
     if not (isinstance(cls, type) and issubclass(cls, Callback)):
         raise ConfigError(
-            f"callbacks: {path!r} must name a subclass of apt.trainops.engine.Callback "
+            f"callbacks: {name!r} must name a subclass of apt.trainops.engine.Callback "
             f"(found {type(cls).__name__ if cls is not None else 'nothing'})"
         )
     return cls
@@ -58,7 +49,7 @@ def build_callback(spec: CallbackSpec, **runtime: Any) -> Callback:
     Raises:
         ConfigError: unknown name (valid names listed), import failure, or unknown options.
     """
-    cls = _import_class(spec.name) if ":" in spec.name else CALLBACKS.get(spec.name)
+    cls = _callback_class(spec.name)
     params = inspect.signature(cls.__init__).parameters
     accepted = [p for p in params if p != "self"]
     options = spec.options

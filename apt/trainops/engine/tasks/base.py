@@ -1,7 +1,9 @@
 """``TrainingTask``: what is trained and how one batch becomes a loss.
 
 The engine drives a task and never looks inside batches or models; adding a task needs no
-change to the engine (register it with :data:`TASKS` and pick it with ``training.task``).
+change to the engine (register it with :data:`TASKS`, or name it ``package.module:Class``, and
+pick it with ``training.task``). A task with parameters declares them as its ``Options`` model;
+``training.task: {kind: my_task, beta: 0.1}`` validates them when the task is built.
 """
 
 from __future__ import annotations
@@ -15,12 +17,21 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
-from apt.core.config import DataConfig, ModelConfig, OptimizerConfig, SchedulerConfig
+from apt.core.config import (
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    SchedulerConfig,
+    TaskSpec,
+    validate_options,
+)
+from apt.core.config.base import Section
+from apt.core.errors import ConfigError
 from apt.core.registry import Registry
 from apt.trainops.engine.lr_schedules import build_lr_scheduler
 from apt.trainops.engine.optim import build_optimizer
 
-__all__ = ["TASKS", "StepOutput", "TrainingTask"]
+__all__ = ["TASKS", "NoOptions", "StepOutput", "TrainingTask", "build_task"]
 
 
 @dataclass
@@ -39,9 +50,17 @@ class StepOutput:
     totals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class NoOptions(Section):
+    """A task without options."""
+
+
 class TrainingTask:
     """Base class of tasks. Subclasses implement ``build_model``, ``build_datasets``,
     ``count_targets`` and ``train_step``; the rest has sensible defaults.
+
+    Args:
+        options: the task's validated options (an instance of its ``Options``; default: the
+            options' defaults).
 
     Loss normalisation contract: ``train_step`` returns the MEAN loss over the batch's
     targets and ``count_targets`` says how many targets the batch holds; the engine weights
@@ -52,6 +71,11 @@ class TrainingTask:
     name: ClassVar[str] = ""
     #: The loss is a cross-entropy in nats, so exp(loss) is a perplexity worth reporting.
     loss_is_cross_entropy: ClassVar[bool] = True
+    #: The task's options (``training.task: {kind: ..., <option>: ...}``), a config section.
+    Options: ClassVar[type[Section]] = NoOptions
+
+    def __init__(self, options: Section | None = None) -> None:
+        self.options = options if options is not None else self.Options()
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         """The model to train when the user did not pass one."""
@@ -105,3 +129,20 @@ class TrainingTask:
 
 #: Tasks by name, chosen with ``training.task`` or ``--task``.
 TASKS: Registry[type[TrainingTask]] = Registry("task")
+
+
+def build_task(spec: TaskSpec) -> TrainingTask:
+    """The task ``spec.kind`` names (registered, or ``package.module:Class``), with its options.
+
+    Raises:
+        ConfigError: unknown name (valid names listed), an import path that is not a
+            TrainingTask, or an option the task does not have (with the nearest name).
+    """
+    cls = TASKS.lookup(spec.kind)
+    if not (isinstance(cls, type) and issubclass(cls, TrainingTask)):
+        found = type(cls).__name__ if cls is not None else "nothing"
+        raise ConfigError(
+            f"training.task: {spec.kind!r} must name a subclass of "
+            f"apt.trainops.engine.TrainingTask (found {found})"
+        )
+    return cls(validate_options(cls.Options, spec.options, where="training.task"))

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from apt.core.config import DataConfig, ModelConfig
+from apt.core.config.base import Section
 from apt.core.errors import DataError
 from apt.trainops.distributed import unwrap_model
 from apt.trainops.engine.tasks.base import TASKS, StepOutput, TrainingTask
@@ -64,7 +65,8 @@ class CausalLMTask(TrainingTask):
 
     name = "causal_lm"
 
-    def __init__(self) -> None:
+    def __init__(self, options: Section | None = None) -> None:
+        super().__init__(options)
         self._takes_targets: bool | None = None
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:

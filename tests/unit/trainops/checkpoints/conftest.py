@@ -50,7 +50,7 @@ class Setup:
         return losses
 
     def objects(self) -> dict[str, object]:
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        return {"model": self.model, "optimizer": self.optimizer, "lr_scheduler": self.scheduler}
 
 
 def make_setup(seed: int = 0) -> Setup:

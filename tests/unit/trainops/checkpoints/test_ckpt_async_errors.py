@@ -48,13 +48,13 @@ def test_async_snapshot_is_isolated_from_later_training(tmp_path, read_payload):
     reference = CheckpointManager(save_dir=tmp_path / "ref").save(1, model=model, optimizer=opt)
     manager = CheckpointManager(save_dir=tmp_path / "a", async_save=True)
     gate = threading.Event()
-    original = manager.write_payload
+    original = manager._transaction.write
 
     def slow_write(files, job):
         gate.wait(10)  # the writer starts only after training has moved on
         original(files, job)
 
-    manager.write_payload = slow_write  # type: ignore[method-assign]
+    manager._transaction.write = slow_write  # type: ignore[method-assign]
     path = manager.save(1, model=model, optimizer=opt)
     with torch.no_grad():
         for p in model.parameters():
@@ -125,7 +125,7 @@ def test_other_write_errors_are_checkpoint_save_errors(tmp_path, setup_factory, 
     def boom(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error", str(tmp_path / "x"))
 
-    monkeypatch.setattr("apt.trainops.checkpoints.manager.write_manifest", boom)
+    monkeypatch.setattr("apt.trainops.checkpoints.transaction.write_manifest", boom)
     with pytest.raises(CheckpointSaveError, match="could not write") as err:
         manager.save(1, model=run.model)
     assert not err.value.disk_full

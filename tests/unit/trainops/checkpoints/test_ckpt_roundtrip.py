@@ -136,13 +136,19 @@ def test_layout_and_latest(ckpt_dir, setup_factory):
         "model/model.safetensors",
         "optim/optimizer.pt",
         "optim/optimizer.safetensors",
-        "optim/scheduler.pt",
-        "optim/scaler.pt",
+        "parts/lr_scheduler/state.pt",
+        "parts/scaler/state.pt",
         "rng/rank-00000.json",
         "rng/rank-00000.safetensors",
     }
     manifest = json.loads((path / "MANIFEST.json").read_text())
-    assert manifest["step"] == 1200 and manifest["format_version"] == 1
+    assert manifest["step"] == 1200 and manifest["format_version"] == 2
+    assert manifest["parts"] == {
+        "model": {"kind": "module"},
+        "optimizer": {"kind": "optimizer", "module": "model"},
+        "lr_scheduler": {"kind": "state"},
+        "scaler": {"kind": "state"},
+    }
     assert set(manifest["files"]) == names - {"MANIFEST.json"}
     assert (ckpt_dir / "LATEST").read_text().strip() == "step-000001200"
     assert manager.latest_step() == 1200
@@ -192,7 +198,7 @@ def test_state_that_needs_pickle_is_refused_at_save(ckpt_dir, setup_factory):
 
     with pytest.raises(CheckpointError, match=r"scheduler state at fn holds a .*Odd"):
         CheckpointManager(save_dir=ckpt_dir).save(
-            1, model=setup_factory(0).model, scheduler=Sched()
+            1, model=setup_factory(0).model, lr_scheduler=Sched()
         )
     with pytest.raises(CheckpointError, match="not JSON"):
         CheckpointManager(save_dir=ckpt_dir).save(

@@ -11,13 +11,13 @@ import torch
 
 from apt.core.config import CallbackSpec
 from apt.core.errors import ConfigError
-from apt.trainops.engine import Control, EarlyStopping, RunState, TrainState
+from apt.trainops.engine import Control, EarlyStopping, RunState, TrainingBundle, TrainState
 from apt.trainops.engine.callbacks import build_callback
 
 
 def eval_sequence(cb: EarlyStopping, values: list[float]) -> int | None:
     train = TrainState()
-    state = RunState(train, model=torch.nn.Linear(1, 1), optimizer=None, lr_scheduler=None)
+    state = RunState(train, TrainingBundle(torch.nn.Linear(1, 1)))
     control = Control()
     for step, value in enumerate(values, start=1):
         train.global_step = step * 10

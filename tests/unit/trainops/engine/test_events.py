@@ -7,7 +7,15 @@ import inspect
 import pytest
 import torch
 
-from apt.trainops.engine import Callback, CallbackManager, Control, Event, RunState, TrainState
+from apt.trainops.engine import (
+    Callback,
+    CallbackManager,
+    Control,
+    Event,
+    RunState,
+    TrainingBundle,
+    TrainState,
+)
 
 
 def test_every_event_has_exactly_one_callback_method_and_back() -> None:
@@ -35,7 +43,7 @@ class Recorder(Callback):
 
 
 def make_state() -> RunState:
-    return RunState(TrainState(), model=torch.nn.Linear(2, 2), optimizer=None, lr_scheduler=None)
+    return RunState(TrainState(), TrainingBundle(torch.nn.Linear(2, 2)))
 
 
 def test_end_and_after_events_run_in_reverse_order() -> None:
@@ -57,7 +65,7 @@ def test_end_and_after_events_run_in_reverse_order() -> None:
 def test_run_state_cannot_be_reassigned_but_exposes_live_objects() -> None:
     train = TrainState(global_step=3, last_loss=torch.tensor(1.5))
     model = torch.nn.Linear(2, 2)
-    state = RunState(train, model=model, optimizer=None, lr_scheduler=None, rank=1, world_size=2)
+    state = RunState(train, TrainingBundle(model), rank=1, world_size=2)
     assert (state.global_step, state.last_loss, state.rank, state.is_main) == (3, 1.5, 1, False)
     assert state.model is model
     with pytest.raises(AttributeError, match="read-only"):

@@ -1,0 +1,200 @@
+"""The builders a Trainer composes: each makes one part of a run from the config section it needs.
+
+``Trainer.from_config(cfg)`` calls, in order: :func:`build_task` (``cfg.training.task``) ->
+the task's ``build_model`` (``cfg.model``) -> the strategy (``cfg.training.distributed``) ->
+:func:`build_loaders` (``cfg.data``) -> :func:`plan_loop` (``cfg.training``, ``cfg.eval``) ->
+the task's ``build_optimizer`` / ``build_scheduler`` (``cfg.training.optimizer`` /
+``.scheduler``) -> :func:`build_callbacks` (``cfg.monitoring``, ``cfg.callbacks``,
+``cfg.schedules``) -> :func:`build_checkpoints` (``cfg.training.checkpoints``). A recipe replaces
+one of them (most often through its task) and keeps the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sized
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset
+
+from apt.core.config import (
+    CallbackSpec,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    MonitoringConfig,
+    SchedulesConfig,
+    TrainingConfig,
+)
+from apt.core.errors import ConfigError, DataError
+from apt.trainops.checkpoints import (
+    CheckpointManager,
+    GatheredStatePayload,
+    Payload,
+    ShardedStatePayload,
+)
+from apt.trainops.distributed import DistEnv, SideChannel, Strategy
+from apt.trainops.engine.bundle import TrainingBundle
+from apt.trainops.engine.callbacks.base import Callback, CallbackManager
+from apt.trainops.engine.callbacks.builtin import MetricSink, MetricsLogger, ProgressBar
+from apt.trainops.engine.callbacks.curriculum import ScheduleCallback
+from apt.trainops.engine.callbacks.registry import build_callbacks as build_configured
+from apt.trainops.engine.checkpointing import RunCheckpoints, RunRecord
+from apt.trainops.engine.loop import LoopPlan
+from apt.trainops.engine.tasks import TrainingTask
+from apt.trainops.eval import PaddedForRanks
+
+__all__ = [
+    "build_callbacks",
+    "build_checkpoints",
+    "build_loaders",
+    "plan_loop",
+]
+
+
+def build_loaders(
+    cfg: DataConfig,
+    *,
+    task: TrainingTask,
+    strategy: Strategy,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    train_loader: Any = None,
+    eval_loader: Any = None,
+    train_dataset: Dataset[Any] | None = None,
+    eval_dataset: Dataset[Any] | None = None,
+) -> tuple[Any, Any]:
+    """(train, eval) loaders: the ones given, else over the datasets given, else over the
+    task's datasets built from ``cfg``. Each rank reads its shard; a validation set is padded
+    with target-free samples to a multiple of the ranks (every rank runs as many batches)."""
+    from apt.trainops.data import create_dataloader
+
+    rank, world = strategy.sampler_rank_world()
+
+    def loader(dataset: Dataset[Any], size: int, *, shuffle: bool) -> DataLoader[Any]:
+        return create_dataloader(
+            dataset,
+            batch_size=size,
+            num_workers=cfg.num_workers,
+            shuffle=shuffle,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+            drop_last=shuffle,
+        )
+
+    if train_loader is None:
+        if train_dataset is None:
+            train_dataset, built_eval = task.build_datasets(cfg, seed=seed)
+            eval_dataset = eval_dataset if eval_dataset is not None else built_eval
+        train_loader = loader(train_dataset, batch_size, shuffle=cfg.shuffle)
+    if eval_loader is None and eval_dataset is not None:
+        if (
+            world > 1
+            and isinstance(eval_dataset, Sized)
+            and len(eval_dataset) % world
+            and task.can_pad
+        ):
+            eval_dataset = PaddedForRanks(eval_dataset, world, task.without_targets)
+        eval_loader = loader(eval_dataset, eval_batch_size, shuffle=False)
+    return train_loader, eval_loader
+
+
+def plan_loop(cfg: TrainingConfig, evaluation: EvalConfig, *, batches: int | None) -> LoopPlan:
+    """How long the run is and how often it evaluates, from ``batches`` micro-batches per
+    epoch (None: a loader without a length).
+
+    Raises:
+        ConfigError: the loader has no length and ``max_steps`` is not set.
+        DataError: an epoch holds fewer micro-batches than one optimizer step.
+    """
+    accumulation = cfg.gradient_accumulation_steps
+    if batches is None and cfg.max_steps is None:
+        raise ConfigError("the training loader has no length: set training.max_steps")
+    steps_per_epoch = batches // accumulation if batches is not None else cfg.max_steps or 0
+    if steps_per_epoch < 1:
+        raise DataError(
+            f"the training data gives {batches} batch(es) of {cfg.batch_size} per process, "
+            f"fewer than one optimizer step ({accumulation} micro-batches); add data or lower "
+            "training.batch_size / gradient_accumulation_steps"
+        )
+    limits = [cfg.max_steps or math.inf]
+    if cfg.num_epochs is not None:
+        limits.append(cfg.num_epochs * steps_per_epoch)
+    return LoopPlan(
+        total_steps=int(min(limits)),
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=cfg.num_epochs,
+        accumulation=accumulation,
+        batch_size=cfg.batch_size,
+        max_grad_norm=cfg.max_grad_norm,
+        eval_interval=evaluation.interval,
+        eval_at_start=evaluation.at_start,
+    )
+
+
+def build_callbacks(
+    cfg: MonitoringConfig,
+    *,
+    specs: list[CallbackSpec],
+    schedules: SchedulesConfig,
+    sink: MetricSink,
+    extra: list[Callback],
+) -> CallbackManager:
+    """The progress bar and metrics logger (``cfg``), the curriculum when ``schedules`` is set,
+    the configured ``specs``, then the caller's own callbacks, in that order."""
+    built: list[Callback] = []
+    if cfg.progress_bar:
+        built.append(ProgressBar())
+    built.append(MetricsLogger(cfg.log_interval, sink=sink))
+    if schedules.root and "schedule" not in {spec.name for spec in specs}:
+        built.append(ScheduleCallback(schedules=schedules))
+    built += build_configured(specs, sink=sink, schedules=schedules)
+    return CallbackManager(built + list(extra))
+
+
+def build_checkpoints(
+    cfg: CheckpointConfig,
+    *,
+    run_dir: Path,
+    env: DistEnv,
+    strategy: Strategy,
+    side: SideChannel | None,
+    bundle: TrainingBundle,
+    callbacks: CallbackManager,
+    record: RunRecord,
+    allow_config_change: bool,
+    export_final: Callable[[], None] | None,
+) -> RunCheckpoints:
+    """The run's checkpoints: a :class:`CheckpointManager` that owns ``cfg`` (into ``cfg.directory``
+    as given, relative to the working directory, or ``<run_dir>/checkpoints``), each rank
+    writing its shard under a sharded strategy, and the run's save/resume around it.
+
+    ``side`` is a gloo channel of every rank (None in one process): the async writer thread and
+    DCP coordinate on it, never on the training group.
+    """
+    payload: Payload = (
+        ShardedStatePayload(strategy, side.group if side else None)
+        if strategy.sharded
+        else GatheredStatePayload(strategy)
+    )
+    manager = CheckpointManager(
+        cfg,
+        save_dir=Path(cfg.directory) if cfg.directory else run_dir / "checkpoints",
+        is_writer=env.is_main,
+        barrier=side.barrier if side else None,
+        agree=side.agree if side else None,
+        rank=env.rank,
+        world_size=env.world_size,
+        payload=payload,
+    )
+    return RunCheckpoints(
+        manager,
+        bundle=bundle,
+        callbacks=callbacks,
+        record=record,
+        allow_config_change=allow_config_change,
+        export_final=export_final,
+    )

@@ -1,0 +1,59 @@
+"""Resume-critical keys are declared in the schema: every field is classified, and the set of
+critical keys is the one the checkpoint docs promise."""
+
+from __future__ import annotations
+
+import pytest
+
+from apt.core.config import APTConfig
+from apt.core.config.resume import field_classes, is_resume_critical
+
+
+def test_every_field_of_the_schema_is_classified() -> None:
+    unclassified = [key for key, verdict in field_classes(APTConfig) if verdict is None]
+    assert unclassified == [], (
+        f"classify these fields (CRITICAL/FREE or a section default): {unclassified}"
+    )
+
+
+def test_the_critical_keys() -> None:
+    critical = {key for key, verdict in field_classes(APTConfig) if verdict == "critical"}
+    assert {k for k in critical if not k.startswith("model.")} == {
+        "data.source",
+        "data.train_files",
+        "data.val_files",
+        "data.text_field",
+        "data.val_fraction",
+        "data.max_corpus_bytes",
+        "data.tokenizer.kind",
+        "data.seq_len",
+        "data.shuffle",
+        "training.task.kind",
+        "training.batch_size",
+        "training.gradient_accumulation_steps",
+        "training.seed",
+        "training.optimizer.kind",
+        "schedules.root",
+    }
+    model_fields = {key for key, _ in field_classes(APTConfig) if key.startswith("model.")}
+    assert model_fields and model_fields <= critical  # another network is another run
+
+
+@pytest.mark.parametrize(
+    ("key", "critical"),
+    [
+        ("model.moe", True),  # a section switched on or off
+        ("training.optimizer.kind", True),
+        ("training.optimizer.momentum", False),  # a key of one union member only
+        ("training.task.beta", True),  # a task's own option
+        ("data.tokenizer.vocab_file", True),
+        ("schedules.route_temp.start", True),
+        ("training.learning_rate", False),
+        ("training.checkpoints.directory", False),
+        ("data.num_workers", False),
+        ("callbacks", False),
+        ("artifacts.removed_long_ago", False),  # a key the schema no longer has
+    ],
+)
+def test_keys_beyond_the_leaves_take_their_holders_class(key: str, critical: bool) -> None:
+    assert is_resume_critical(APTConfig, key) is critical
