@@ -84,9 +84,9 @@ class Trainer:
     """Trains a model: ``Trainer.from_config(cfg).train()`` or keyword construction.
 
     Keyword construction (``Trainer(model=m, train_dataloader=dl, max_steps=100,
-    learning_rate=3e-4)``) sets each keyword at its config key (:data:`~apt.trainops.engine.keywords.KEYWORDS`) on top of
-    ``config`` (default: the schema's defaults); anything not passed (model, data) is built
-    from the config by the task.
+    learning_rate=3e-4)``) sets each keyword at its config key
+    (:data:`~apt.trainops.engine.keywords.KEYWORDS`) on top of ``config`` (default: the
+    schema's defaults); anything not passed (model, data) is built from the config by the task.
 
     Args:
         model: your model; default: ``task.build_model(cfg.model)``.
