@@ -76,7 +76,7 @@ class RunState:
     __slots__ = ("_bundle", "_env", "_train")
     _train: TrainState
     _bundle: TrainingBundle
-    _env: tuple[int, int, int | None, int | None, int | None]
+    _env: tuple[int, int, int, int, int | None]
 
     def __init__(
         self,
@@ -85,8 +85,8 @@ class RunState:
         *,
         rank: int = 0,
         world_size: int = 1,
-        max_steps: int | None = None,
-        steps_per_epoch: int | None = None,
+        max_steps: int = 0,
+        steps_per_epoch: int = 0,
         num_epochs: int | None = None,
     ) -> None:
         object.__setattr__(self, "_train", train)

@@ -23,8 +23,6 @@ class ScheduleCallback(Callback):
         self._pending: dict[str, Any] = {}
 
     def on_train_start(self, state: RunState, control: Control) -> None:
-        if state.steps_per_epoch is None or state.max_steps is None:
-            raise AssertionError("the loop always provides max_steps and steps_per_epoch")
         self.executor = ScheduleExecutor(
             self.schedules,
             model=unwrap_model(state.model),
