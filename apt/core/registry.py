@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
+import importlib.util
+import inspect
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar, cast
 
 from apt.core.errors import ConfigError
 
@@ -24,11 +28,15 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the registry holds, used in error messages ("strategy", "task", ...).
+        lazy: built-in entries by import path (``name: "package.module:Name"``), imported on
+            first use: listing names and their one-line summaries imports nothing, so a
+            command such as ``python -m apt tasks`` needs no torch.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, lazy: dict[str, str] | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._lazy: dict[str, str] = dict(lazy or {})
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers ``obj`` under ``name``.
@@ -38,7 +46,7 @@ class Registry(Generic[T]):
         """
 
         def decorate(obj: T) -> T:
-            if name in self._items:
+            if name in self._items or name in self._lazy:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
             return obj
@@ -51,6 +59,8 @@ class Registry(Generic[T]):
         Raises:
             ConfigError: naming the unknown entry, the closest names and every valid name.
         """
+        if name in self._lazy:
+            self._items[name] = cast(T, _import(self._lazy.pop(name)))
         try:
             return self._items[name]
         except KeyError:
@@ -84,10 +94,52 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         """All registered names, sorted."""
-        return sorted(self._items)
+        return sorted({*self._items, *self._lazy})
+
+    def summary(self, name: str) -> str:
+        """The first sentence of the entry's docstring; a lazy entry's is read from its source
+        file without importing it."""
+        if name in self._lazy:
+            return _source_summary(self._lazy[name])
+        return _first_sentence(inspect.getdoc(self.get(name)) or "")
+
+    def is_builtin(self, name: str) -> bool:
+        """Whether ``name`` is a built-in entry not imported yet (or a registered one)."""
+        return name in self._lazy or name in self._items
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self._lazy
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _import(target: str) -> Any:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _source_summary(target: str) -> str:
+    """The first docstring line of ``package.module:Name``, read from the module's file.
+
+    Only the top-level package is looked up (``find_spec`` of a submodule would import its
+    parent packages); the rest of the dotted name is a path below it.
+    """
+    module_name, _, attr = target.partition(":")
+    top, *rest = module_name.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    path = Path(next(iter(spec.submodule_search_locations)), *rest).with_suffix(".py")
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef) and node.name == attr:
+            return _first_sentence(ast.get_docstring(node) or "")
+    return ""
+
+
+def _first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]

@@ -105,6 +105,8 @@ def test_tuple_batches_and_explicit_loaders(tmp_path: Path) -> None:
 def test_unknown_keyword_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"unknown keyword.*lerning_rate"):
         Trainer(model=BigramLM(), lerning_rate=0.1)
+    with pytest.raises(ConfigError, match=r"max_step \(did you mean 'max_steps'\?\)"):
+        Trainer(model=BigramLM(), max_step=5)
 
 
 def test_too_little_data_is_a_data_error(tmp_path: Path) -> None:

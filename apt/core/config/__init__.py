@@ -7,7 +7,13 @@ frozen :class:`APTConfig` that remembers where every value came from.
 
 from apt.core.config.callbacks import CallbackSpec
 from apt.core.config.data import DataConfig
-from apt.core.config.loader import config_from_dict, list_profiles, load_profile, resolve_profile
+from apt.core.config.loader import (
+    config_from_dict,
+    list_profiles,
+    load_profile,
+    profile_files,
+    resolve_profile,
+)
 from apt.core.config.model import AlignConfig, ModelConfig, MoEConfig, VoterConfig
 from apt.core.config.plugins import PluginSpec, TaskSpec, TokenizerSpec, validate_options
 from apt.core.config.root import APTConfig
@@ -45,6 +51,7 @@ __all__ = [
     "config_from_dict",
     "list_profiles",
     "load_profile",
+    "profile_files",
     "resolve_profile",
     "validate_options",
 ]

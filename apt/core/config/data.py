@@ -61,7 +61,10 @@ class DataConfig(Section):
         "the file list, sizes, mtimes, tokenizer and seq_len; None: tokenize in memory each run.",
     )
     num_workers: int = Field(
-        0, ge=0, description="DataLoader worker processes.", json_schema_extra=FREE
+        0,
+        ge=0,
+        description="DataLoader worker processes (0: load in the training process).",
+        json_schema_extra=FREE,
     )
     shuffle: bool = Field(True, description="Shuffle sequences each epoch (seeded).")
 

@@ -21,7 +21,7 @@ from apt.core.config.yaml_io import read_yaml
 from apt.core.errors import ConfigError
 from apt.core.registry import closest_names
 
-__all__ = ["list_profiles", "load_profile", "resolve_profile"]
+__all__ = ["list_profiles", "load_profile", "profile_files", "resolve_profile"]
 
 _SUFFIXES = (".yaml", ".yml")
 _DISCRIMINATORS = ("kind", "type")
@@ -63,23 +63,35 @@ def resolve_profile(
             if path.is_file():
                 return path
     known = list_profiles(search_path)
+    searched = ", ".join(str(d) for d in dirs)
+    if candidate.suffix in _SUFFIXES:
+        raise ConfigError(
+            f"{candidate}: no such file (relative paths are from {Path.cwd()}), and no profile "
+            f"of that name in {searched}. Known profiles: {', '.join(known) or 'none'}."
+        )
     hint = closest_names(name, known)
     did_you_mean = f" Did you mean {' or '.join(map(repr, hint))}?" if hint else ""
     raise ConfigError(
-        f"profile {name!r} not found.{did_you_mean} Searched: "
-        f"{', '.join(str(d) for d in dirs)}. Known profiles: {', '.join(known) or 'none'}."
+        f"profile {name!r} not found.{did_you_mean} Searched: {searched}. "
+        f"Known profiles: {', '.join(known) or 'none'}."
     )
 
 
 def list_profiles(search_path: list[Path] | None = None) -> list[str]:
     """Names of every profile found on the search path (first match of a name wins)."""
-    names: set[str] = set()
+    return sorted(profile_files(search_path))
+
+
+def profile_files(search_path: list[Path] | None = None) -> dict[str, Path]:
+    """Each profile name and the file it resolves to (the first folder of the search path
+    that has it wins: ``./profiles``, then ``$APT_PROFILE_PATH``, then the packaged ones)."""
+    found: dict[str, Path] = {}
     for folder in _search_dirs(search_path):
         if folder.is_dir():
-            for path in folder.rglob("*"):
+            for path in sorted(folder.rglob("*")):
                 if path.suffix in _SUFFIXES:
-                    names.add(str(path.relative_to(folder).with_suffix("")))
-    return sorted(names)
+                    found.setdefault(str(path.relative_to(folder).with_suffix("")), path)
+    return found
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +165,9 @@ def _read_chain(
     data = _canonicalize(raw, [], raw, str(path))
     lines.update({_canonical_path(k): v for k, v in lines.items()})
     provenance = {key: f"{path}:{_line_of(key, lines)}" for key in _leaf_paths(data)}
+    provenance.update(  # each entry of a list of mappings (callbacks.0, ...), for messages
+        {key: f"{path}:{lines[key]}" for key in _item_paths(data) if key in lines}
+    )
     if parent_name is None:
         return data, provenance
     if not isinstance(parent_name, str):
@@ -166,6 +181,17 @@ def _read_chain(
     # A child mapping that replaced its parent's (a new `type:`) drops the parent's entries.
     kept = {k: v for k, v in parent_provenance.items() if _has_path(merged, k)}
     return merged, {**kept, **provenance}
+
+
+def _item_paths(data: Any, prefix: str = "") -> list[str]:
+    """``key.i`` of every mapping inside a list (``callbacks.0``)."""
+    paths: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            paths += _item_paths(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(data, list):
+        paths += [f"{prefix}.{i}" for i, item in enumerate(data) if isinstance(item, dict)]
+    return paths
 
 
 def _line_of(dotted: str, lines: dict[str, int]) -> int | str:

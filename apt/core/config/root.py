@@ -12,7 +12,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from apt.core.config.base import Section
 from apt.core.config.callbacks import CallbackSpec
 from apt.core.config.data import DataConfig
-from apt.core.config.model import ModelConfig
+from apt.core.config.model import PRESETS, ModelConfig
 from apt.core.config.resume import FREE
 from apt.core.config.runtime import ArtifactsConfig, EvalConfig, MonitoringConfig
 from apt.core.config.schedules import SchedulesConfig, schedule_errors
@@ -79,7 +79,8 @@ class APTConfig(Section):
         return dict(self._provenance)
 
     def origin_of(self, dotted_key: str) -> str:
-        """Where ``dotted_key``'s value came from; ``default`` when nothing set it."""
+        """Where ``dotted_key``'s value came from: ``file:line``, ``--set ...``, ``preset
+        <name>`` (a value of ``model.preset``), or ``default`` when nothing set it."""
         if dotted_key in self._provenance:
             return self._provenance[dotted_key]
         parts = dotted_key.split(".")
@@ -87,6 +88,9 @@ class APTConfig(Section):
             prefix = ".".join(parts[:i])
             if prefix in self._provenance:
                 return self._provenance[prefix]
+        preset = self.model.preset
+        if preset and len(parts) == 2 and parts[0] == "model" and parts[1] in PRESETS[preset]:
+            return f"preset {preset}"
         return "default"
 
     def to_dict(self) -> dict[str, Any]:

@@ -260,6 +260,13 @@ class TrainingConfig(Section):
         json_schema_extra=CRITICAL,
     )
     deterministic: bool = Field(False, description="Use deterministic algorithms only.")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Intra-op CPU threads per process (torch.set_num_threads). None: the CPUs "
+        "available shared among this machine's training processes, less one per DataLoader "
+        "worker. On a machine shared with other busy work, 1 is often much faster.",
+    )
     auto_resume: bool = Field(True, description="Continue from the run folder's newest checkpoint.")
     optimizer: OptimizerConfig = Field(default_factory=AdamWConfig, description="Optimizer.")
     scheduler: SchedulerConfig = Field(default_factory=ConstantSchedule, description="LR schedule.")

@@ -58,6 +58,10 @@ def _key_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
             dotted = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
             out[dotted] = key_node.start_mark.line + 1
             _key_lines(value_node, dotted, out)
+    elif isinstance(node, yaml.SequenceNode):  # callbacks.0, callbacks.1, ...
+        for i, item in enumerate(node.value):
+            out[f"{prefix}.{i}"] = item.start_mark.line + 1
+            _key_lines(item, f"{prefix}.{i}", out)
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from apt.core.config.model import ModelConfig
 from apt.core.errors import CheckpointError
+from apt.core.files import apply_umask
 
 if TYPE_CHECKING:
     from apt.model.architectures.apt_model import APTModel
@@ -59,6 +60,7 @@ def _tied_names(model: APTModel) -> set[str]:
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
+    apply_umask(tmp)
     os.replace(tmp, path)
 
 

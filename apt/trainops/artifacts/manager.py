@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from apt.core.config import ArtifactsConfig
+from apt.core.files import apply_umask
 
 __all__ = ["ArtifactManager"]
 
@@ -117,6 +118,7 @@ class ArtifactManager:
             state = state_dict if state_dict is not None else model.state_dict()
             tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
             save_file(tensors, str(target / "model.safetensors"))
+            apply_umask(target / "model.safetensors")
         return target
 
     def read_metrics(self) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from apt.core.cpus import available_cpus
 from apt.trainops.data.sampler import ResumableSampler
 
 __all__ = ["create_dataloader", "seed_worker"]
@@ -42,7 +43,7 @@ class _EpochSeededLoader(DataLoader[Any]):
 def create_dataloader(
     dataset: Dataset[Any],
     batch_size: int = 32,
-    num_workers: int = 4,
+    num_workers: int | None = None,
     shuffle: bool = True,
     *,
     seed: int = 0,
@@ -63,7 +64,8 @@ def create_dataloader(
     Args:
         dataset: a map-style dataset (``__len__`` and ``__getitem__``).
         batch_size: samples per batch on this rank.
-        num_workers: worker processes; 0 loads in the main process.
+        num_workers: worker processes; 0 loads in the main process. None: 4, or fewer when
+            fewer CPUs are available (torch warns about more workers than CPUs).
         shuffle: seeded shuffle each epoch.
         seed: seed of the sampler's permutations and of the workers.
         rank: this rank, in ``0 .. world_size - 1``.
@@ -84,6 +86,8 @@ def create_dataloader(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers is None:
+        num_workers = min(4, available_cpus())
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if not isinstance(dataset, Sized):

@@ -21,6 +21,7 @@ from apt.trainops.distributed.ddp_wrapper import DDPWrapper
 from apt.trainops.distributed.env import (
     DistEnv,
     check_world_size,
+    exit_process,
     group_rank,
     group_world_size,
     in_process_group,
@@ -53,6 +54,7 @@ __all__ = [
     "build_strategy",
     "check_world_size",
     "distributed_errors",
+    "exit_process",
     "group_rank",
     "group_world_size",
     "in_process_group",

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,7 @@ __all__ = [
     "DistEnv",
     "LauncherEnv",
     "check_world_size",
+    "exit_process",
     "group_rank",
     "group_world_size",
     "in_process_group",
@@ -63,6 +66,7 @@ class DistEnv:
         world_size: number of processes in the run (1 when not distributed).
         device: where this rank computes (``cuda:<local_rank>`` or ``cpu``).
         backend: the c10d backend (``gloo``/``nccl``), None for a single process.
+        local_world_size: processes of the run on this machine (they share its CPUs).
         is_main: rank 0, the one that logs and writes shared files.
     """
 
@@ -71,6 +75,7 @@ class DistEnv:
     world_size: int
     device: torch.device
     backend: str | None
+    local_world_size: int = 1
     is_main: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +101,7 @@ class LauncherEnv:
     world_size: str | None
     master_addr: str | None
     master_port: str | None
+    local_world_size: str | None = None
     restart_count: str | None = None  # TORCHELASTIC_RESTART_COUNT
     agent_store: bool = False  # the workers share the launcher's TCPStore
     nodes: str | None = None  # GROUP_WORLD_SIZE: torchrun agents (nodes) in the job
@@ -130,6 +136,7 @@ def read_launcher_env(environ: Mapping[str, str] | None = None) -> LauncherEnv:
         world_size=env.get("WORLD_SIZE"),
         master_addr=env.get("MASTER_ADDR"),
         master_port=env.get("MASTER_PORT"),
+        local_world_size=env.get("LOCAL_WORLD_SIZE"),
         restart_count=env.get("TORCHELASTIC_RESTART_COUNT"),
         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         nodes=env.get("GROUP_WORLD_SIZE"),
@@ -222,8 +229,10 @@ def setup_distributed(
 ) -> DistEnv:
     """Start the process group described by the launcher, once; describe this rank.
 
-    Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) nothing is started and a single-process
-    :class:`DistEnv` comes back. Calling it again returns the running group's environment.
+    Without ``WORLD_SIZE`` nothing is started and a single-process :class:`DistEnv` comes
+    back. A launcher's world of one (``WORLD_SIZE=1`` with ``MASTER_ADDR``, as torchrun sets
+    them) is still a process group, so ``DDPWrapper`` and collectives work in it. Calling it
+    again returns the running group's environment.
 
     Args:
         backend: ``gloo``, ``nccl``, or None/``"auto"``: nccl on CUDA, gloo on CPU.
@@ -242,7 +251,8 @@ def setup_distributed(
             cannot run here, or the world size differs from ``expected_world_size``.
     """
     launch = read_launcher_env()
-    if launch.world_size is None or launch.world_size.strip() == "1":
+    alone = launch.world_size is not None and launch.world_size.strip() == "1"
+    if launch.world_size is None or (alone and not launch.master_addr):
         check_world_size(expected_world_size, 1)
         if in_process_group():
             return _env_of_running_group(backend, local_rank=0, device=device)
@@ -276,8 +286,14 @@ def setup_distributed(
         log.info(
             "distributed: %d processes, backend %s, timeout %ds", world, resolved, timeout_seconds
         )
+    local_world = launch.local_world_size or ""
     return DistEnv(
-        rank=rank, local_rank=local_rank, world_size=world, device=rank_device, backend=resolved
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        device=rank_device,
+        backend=resolved,
+        local_world_size=int(local_world) if local_world.isdigit() else 1,
     )
 
 
@@ -330,6 +346,24 @@ def check_world_size(expected: int | None, actual: int, *, rank: int = 0) -> Non
             f"--nnodes ... --nproc-per-node ...), or set training.distributed.world_size="
             f"{actual} (or remove it)."
         )
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a distributed process with ``code`` now: flush what it printed and logged, and skip
+    the interpreter's finalization (call :func:`teardown_distributed` first when the peers are
+    alive).
+
+    torch's gloo backend can abort a process in finalization, after a clean
+    ``destroy_process_group()`` even ("terminate called without an active exception", exit -6,
+    seen here about once in 30 two-rank runs; pytorch/pytorch#190489, #179291): its worker
+    threads can still hold work objects with Python references. Every file of the run is closed
+    before this is called; nothing else needs to run.
+    """
+    for handler in logging.getLogger().handlers + logging.getLogger("apt").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def teardown_distributed() -> None:

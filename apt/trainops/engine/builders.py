@@ -142,16 +142,19 @@ def build_callbacks(
     schedules: SchedulesConfig,
     sink: MetricSink,
     extra: list[Callback],
+    origin: Callable[[int], str] | None = None,
 ) -> CallbackManager:
     """The progress bar and metrics logger (``cfg``), the curriculum when ``schedules`` is set,
-    the configured ``specs``, then the caller's own callbacks, in that order."""
+    the configured ``specs``, then the caller's own callbacks, in that order.
+
+    ``origin(i)`` says where ``specs[i]`` was written (for error messages)."""
     built: list[Callback] = []
     if cfg.progress_bar:
         built.append(ProgressBar())
     built.append(MetricsLogger(cfg.log_interval, sink=sink))
     if schedules.root and "schedule" not in {spec.name for spec in specs}:
         built.append(ScheduleCallback(schedules=schedules))
-    built += build_configured(specs, sink=sink, schedules=schedules)
+    built += build_configured(specs, origin=origin, sink=sink, schedules=schedules)
     return CallbackManager(built + list(extra))
 
 

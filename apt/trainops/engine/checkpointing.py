@@ -90,6 +90,20 @@ def _as_current_schema(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
+def _warn_on_other_threads(saved: Any) -> None:
+    """CPU kernels split their reductions by thread: another count changes the last bits."""
+    now = torch.get_num_threads()
+    if isinstance(saved, int) and saved != now:
+        log.warning(
+            "resuming with %d CPU threads; the checkpoint was written with %d. On the CPU the "
+            "weights will not be bit-identical to an uninterrupted run (the losses agree to "
+            "rounding); set training.cpu_threads=%d to continue exactly.",
+            now,
+            saved,
+            saved,
+        )
+
+
 class RunCheckpoints:
     """Saves and resumes one run through its :class:`CheckpointManager`, which owns the
     ``training.checkpoints`` policy (when to save, async, on_save_error, retention).
@@ -138,6 +152,7 @@ class RunCheckpoints:
             "config": self.record.config,
             "fingerprint": self.record.fingerprint,
             "world_size": self.record.world_size,
+            "cpu_threads": torch.get_num_threads(),
             "versions": {"apt": __version__, "torch": torch.__version__},
         }
         with self._stop_on_failure():
@@ -190,6 +205,7 @@ class RunCheckpoints:
             setattr(state, name, getattr(restored, name))
         self.callbacks.load_state_dict(saved.get("callbacks", {}))
         log.info("resumed from %s (epoch %d, step %d)", loaded.path, state.epoch, state.global_step)
+        _warn_on_other_threads(saved.get("cpu_threads"))
         return loaded
 
     def _carry_data_cursor(self, restored: TrainState, saved: dict[str, Any]) -> None:

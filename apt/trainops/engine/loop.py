@@ -130,14 +130,7 @@ class TrainingLoop:
         """Train until the plan's end, a stop request or an exit request (SIGTERM)."""
         self.fire(Event.TRAIN_START)
         try:
-            if (
-                self.plan.eval_at_start
-                and self.state.global_step == 0
-                and self.state.batch_in_epoch == 0
-            ):
-                self.evaluate()
-                if "val_loss" in self.state.metrics:
-                    self.state.metrics["val_loss_initial"] = self.state.metrics["val_loss"]
+            self._first_evaluation()
             while not self._done():
                 self._run_epoch()
             if not self.exit_requested or self.state.finished:
@@ -147,12 +140,34 @@ class TrainingLoop:
             raise
         self.fire(Event.TRAIN_END)
 
+    def _first_evaluation(self) -> None:
+        """The evaluation before the first step, or the one an exit request abandoned (the
+        rest of that step's control point follows it: its checkpoint is where we resumed)."""
+        state = self.state
+        at_start = state.global_step == 0 and state.batch_in_epoch == 0
+        if at_start and (self.plan.eval_at_start or state.pending_eval):
+            if self.evaluate() is not None and "val_loss" in state.metrics:
+                state.metrics["val_loss_initial"] = state.metrics["val_loss"]
+        elif state.pending_eval:
+            self.evaluate()
+            self.control.should_save = False
+            self._honour_stop()
+
     def _done(self) -> bool:
-        return self.state.finished or self.exit_requested
+        return (
+            self.state.finished
+            or self.exit_requested
+            or self.state.global_step >= self.plan.total_steps
+        )
 
     def _finish(self) -> None:
-        if self._last_eval_step != self.state.global_step:
-            self.evaluate()
+        if self._last_eval_step != self.state.global_step and self.evaluate() is None:
+            # The final evaluation was abandoned for an exit request: the run is not finished
+            # until it ran; the resumed run does it, then the final save.
+            self.state.finished = False
+            if self.state.global_step > 0:
+                self._save("exit")
+            return
         if "val_loss" in self.state.metrics:
             self.state.metrics["val_loss_final"] = self.state.metrics["val_loss"]
         self.state.finished = True
@@ -278,17 +293,32 @@ class TrainingLoop:
         if (due_save or control.should_save or self.exit_requested) and not state.finished:
             control.should_save = False
             self._save("exit" if self.exit_requested else "interval")
+        self._honour_stop()
+
+    def _honour_stop(self) -> None:
+        state, control = self.state, self.control
         if control.should_stop and not state.finished:
-            log.info("stopping at step %d: %s", step, control.stop_reason or "requested")
+            reason = control.stop_reason or "requested"
+            log.info("stopping at step %d: %s", state.global_step, reason)
             state.stop_reason = control.stop_reason or "stop requested by a callback"
             state.finished = True
 
-    def evaluate(self) -> dict[str, float]:
-        """Run validation now, firing eval events; returns the new metrics."""
+    def _stop_evaluating(self) -> bool:
+        """Whether an exit request (on any rank) abandons the evaluation in progress."""
+        self.exit_requested = self.exit_requested or self._exit_agreed()
+        return self.exit_requested
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Run validation now, firing eval events; returns the new metrics, or None when an
+        exit request abandoned it (no eval_end then; a resumed run evaluates again)."""
         if self.evaluator is None:
             return {}
         self.fire(Event.EVAL_START)
-        metrics = self.evaluator.evaluate()
+        metrics = self.evaluator.evaluate(stop=self._stop_evaluating)
+        if metrics is None:
+            self.state.pending_eval = True
+            return None
+        self.state.pending_eval = False
         self.state.metrics.update(metrics)
         self._last_eval_step = self.state.global_step
         report = getattr(self.bundle.lr_scheduler, "report", None)

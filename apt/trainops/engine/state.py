@@ -27,6 +27,8 @@ class TrainState:
         metrics: the latest value of every metric (train_loss, val_loss, ...).
         finished: training reached its end (max_steps / num_epochs / stop request).
         stop_reason: why a callback stopped the run early ("" when it ran its course).
+        pending_eval: an exit request abandoned the evaluation due at this step; a resumed
+            run evaluates first, so it sees what an uninterrupted run saw.
     """
 
     epoch: int = 0
@@ -42,6 +44,7 @@ class TrainState:
     metrics: dict[str, float] = field(default_factory=dict)
     finished: bool = False
     stop_reason: str = ""
+    pending_eval: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible copy."""
@@ -57,6 +60,7 @@ class TrainState:
             "metrics": dict(self.metrics),
             "finished": self.finished,
             "stop_reason": self.stop_reason,
+            "pending_eval": self.pending_eval,
         }
 
     @classmethod

@@ -7,11 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from apt.core.config import APTConfig
+from apt.core.config import APTConfig, TrainingConfig
+from apt.core.cpus import default_cpu_threads
 from apt.core.errors import ConfigError
+from apt.core.logs import install_console_logging
 from apt.trainops.artifacts import ArtifactManager
 from apt.trainops.distributed import (
     RankSums,
@@ -53,6 +56,7 @@ class TrainResult:
         metrics: ``train_loss``, ``val_loss_initial``, ``val_loss_final`` and the latest values.
         finished: the run reached its planned end (False after an exit request).
         exit_signal: the signal (SIGTERM, SIGINT) that ended the run early, if any.
+        steps_run: optimizer steps this call trained (0 for a run that was complete already).
     """
 
     global_step: int
@@ -60,6 +64,29 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     finished: bool = True
     exit_signal: int | None = None
+    steps_run: int = 0
+
+
+#: Models from this size up are meant for accelerators: on a CPU they take minutes per step.
+_GPU_SIZED_PARAMETERS = 50_000_000
+
+
+def _warn_if_made_for_gpus(cfg: TrainingConfig, model: nn.Module, device: torch.device) -> None:
+    """Say so when a run configured for GPUs (bf16/fp16, torch.compile, a large model) is
+    about to train on the CPU, before the user waits minutes for the first step."""
+    if device.type != "cpu":
+        return
+    params = sum(p.numel() for p in model.parameters())
+    reasons = [f"precision {cfg.precision}"] if cfg.precision != "fp32" else []
+    reasons += ["torch.compile"] if cfg.compile else []
+    reasons += [f"{params / 1e6:.0f}M parameters"] if params >= _GPU_SIZED_PARAMETERS else []
+    if reasons:
+        log.warning(
+            "this run is set up for GPUs (%s) but trains on the CPU (no CUDA device found): "
+            "expect it to be very slow. For a CPU run use --profile quickstart, or set "
+            "training.precision=fp32 and a smaller model.",
+            ", ".join(reasons),
+        )
 
 
 def _check_ranks_agree(cfg: APTConfig, rank: int) -> None:
@@ -140,14 +167,20 @@ class Trainer:
             device=tcfg.device,
         )
         self.device = env.device
+        install_console_logging(main=env.is_main)
         if env.world_size > 1:
             _check_ranks_agree(cfg, env.rank)
+        torch.set_num_threads(
+            tcfg.cpu_threads
+            or default_cpu_threads(processes=env.local_world_size, workers=cfg.data.num_workers)
+        )
         seed_everything(tcfg.seed, deterministic=tcfg.deterministic)
         self.task: TrainingTask = task_obj or build_task(tcfg.task)
         self.artifacts = ArtifactManager(cfg.artifacts, is_main=env.is_main)
         self.run_dir = self.artifacts.run_dir
 
         raw_model = model if model is not None else self.task.build_model(cfg.model)
+        _warn_if_made_for_gpus(tcfg, raw_model, env.device)
         self.strategy = build_strategy(tcfg.distributed, env=env, precision=tcfg.precision)
         # One gloo channel for the loop's host sums, one for checkpoint coordination (the
         # async writer thread): collectives from two threads must not share a group.
@@ -189,10 +222,11 @@ class Trainer:
             schedules=cfg.schedules,
             sink=self.artifacts.log_metrics,
             extra=callbacks or [],
+            origin=lambda i: cfg.origin_of(f"callbacks.{i}"),
         )
         self.state = TrainState()
-        if new_run:
-            self.artifacts.archive_existing()
+        if new_run and (moved := self.artifacts.archive_existing()) is not None:
+            log.info("new run: moved the previous run folder to %s; starting afresh", moved)
         self.checkpoints = build_checkpoints(
             tcfg.checkpoints,
             run_dir=self.run_dir,
@@ -285,9 +319,12 @@ class Trainer:
             sums=self.sums,
             state=self.state,
         )
+        first_step = self.state.global_step
         try:
             with distributed_errors(f"training (rank {self.env.rank})"):
-                if not self._resume(loop):
+                complete = self._resume(loop)
+                first_step = self.state.global_step
+                if not complete:
                     # Only a run that trains records its config: a refused or finished rerun
                     # leaves the run folder as it was.
                     self.artifacts.save_config(self.config.to_dict(), self.config.provenance)
@@ -304,6 +341,7 @@ class Trainer:
             metrics=metrics,
             finished=self.state.finished,
             exit_signal=loop.exit_signal,
+            steps_run=self.state.global_step - first_step,
         )
 
 

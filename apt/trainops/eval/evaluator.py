@@ -67,9 +67,14 @@ class Evaluator:
         self.criterion = task.build_criterion()
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
         """``val_loss`` (and ``val_perplexity``, ``val_<total>`` for the task's totals such as
-        accuracy and entropy), averaged over every target of the batches seen on all ranks."""
+        accuracy and entropy), averaged over every target of the batches seen on all ranks.
+
+        Args:
+            stop: asked before every batch (on every rank alike); when it says True the
+                evaluation is abandoned and None comes back (an exit request).
+        """
         was_training = self.model.training
         self.model.eval()
         sums: dict[str, torch.Tensor] = {}
@@ -77,6 +82,8 @@ class Evaluator:
             for i, batch in enumerate(self.dataloader):
                 if self.max_batches is not None and i >= self.max_batches:
                     break
+                if stop is not None and stop():
+                    return None
                 n = self.task.count_targets(batch)
                 batch = to_device(batch, self.device)
                 with self.autocast():
@@ -98,7 +105,7 @@ class Evaluator:
         values = dict(zip(names, packed.tolist(), strict=True))
         loss_sum, targets = values.pop("loss"), int(values.pop("targets"))
         return compute_metrics(
-            loss_sum, targets, values, perplexity=getattr(self.task, "loss_is_cross_entropy", True)
+            loss_sum, targets, values, perplexity=getattr(self.task, "loss_is_cross_entropy", False)
         )
 
 

@@ -34,6 +34,7 @@ from apt.trainops.distributed import (
     all_reduce_mean,
     build_strategy,
     distributed_errors,
+    exit_process,
     setup_distributed,
     teardown_distributed,
 )
@@ -215,6 +216,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.mode == "check":
         run_checks(args)
+        exit_process(0)  # after teardown: gloo can abort in finalization (see exit_process)
     else:
         run_fault(args)
 

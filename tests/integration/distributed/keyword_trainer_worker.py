@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import dist_workload as wl
 
+from apt.trainops.distributed import exit_process, teardown_distributed
 from apt.trainops.engine import Trainer
 
 
@@ -74,6 +75,8 @@ def main() -> None:
                 }
             )
         )
+    teardown_distributed()
+    exit_process(0)  # gloo can abort in finalization (see exit_process)
 
 
 if __name__ == "__main__":

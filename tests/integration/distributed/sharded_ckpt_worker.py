@@ -26,6 +26,7 @@ from apt.trainops.distributed import (
     SideChannel,
     all_reduce_mean,
     build_strategy,
+    exit_process,
     setup_distributed,
     teardown_distributed,
 )
@@ -84,6 +85,7 @@ def main() -> None:
     if env.is_main:
         args.out.write_text(json.dumps({"start": start, "losses": losses}))
     teardown_distributed()
+    exit_process(0)  # gloo can abort in finalization (see exit_process)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from apt.core.config.training import DistributedConfig
 from apt.trainops.checkpoints import CheckpointManager, ShardedStatePayload
 from apt.trainops.checkpoints.dcp import read_dcp_tensors
-from apt.trainops.distributed import SideChannel, build_strategy, setup_distributed
+from apt.trainops.distributed import SideChannel, build_strategy, exit_process, setup_distributed
 
 
 def main() -> None:
@@ -71,6 +71,7 @@ def main() -> None:
     }
     print(json.dumps(result))
     dist.destroy_process_group()
+    exit_process(0)  # gloo can abort in finalization (see exit_process)
 
 
 if __name__ == "__main__":

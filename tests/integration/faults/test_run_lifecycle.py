@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+from pathlib import Path
 
 import pytest
 from faults_harness import (
@@ -49,6 +51,14 @@ def _sigterm(step: int, ctx: Context) -> Case:
 
 for _step in SIGTERM_STEPS:
     scenario(f"sigterm-{_step}", runs=2)(lambda ctx, step=_step: _sigterm(step, ctx))
+
+
+@scenario("sigterm-in-eval", runs=2)
+def _sigterm_in_eval(ctx: Context) -> Case:
+    case = ctx.case()
+    case.run("SIGTERM as the step-8 evaluation starts", env={SIGNAL_ENV: "SIGTERM@eval_start:8"})
+    case.run("rerun")
+    return case
 
 
 @scenario("finished-rerun", runs=1)
@@ -116,6 +126,27 @@ def test_sigterm_saves_at_the_end_of_the_current_step(step: int, result: Case) -
         f"SIGTERM during step {step}: the run went on to step {stopped.last_step} and saved "
         f"{stopped.latest}"
     )
+
+
+@pytest.mark.scenario("sigterm-in-eval")
+def test_sigterm_during_an_evaluation_saves_without_waiting_for_it(
+    result: Case, golden: Golden
+) -> None:
+    """The evaluation is abandoned between two batches: the run saves step 8 and exits; the
+    rerun evaluates step 8 first, so it logs and ends exactly as the run that was never
+    stopped."""
+    stopped, rerun = result.attempts
+    assert stopped.returncode == 128 + signal.SIGTERM, result.describe()
+    assert (stopped.last_step, stopped.latest) == (8, step_name(8)), result.describe()
+
+    def step8_evals(run_dir: Path) -> list[float]:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["val_loss"] for r in map(json.loads, lines) if r["step"] == 8 and "val_loss" in r]
+
+    assert step8_evals(result.run_dir) == step8_evals(golden.case.run_dir)  # once, same value
+    assert "received SIGTERM" in stopped.stderr and rerun.returncode == 0
+    assert_no_traceback(result)
+    assert_like_golden(result, golden)
 
 
 @pytest.mark.scenario("finished-rerun")

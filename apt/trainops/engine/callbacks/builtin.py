@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -26,13 +27,25 @@ MetricSink = Callable[[dict[str, float], int], None]
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over optimizer steps showing loss, lr and tokens/s (rank 0 only)."""
+    """A tqdm bar over optimizer steps showing loss, lr and tokens/s (rank 0 only).
 
-    def __init__(self, refresh_every: int = 1) -> None:
+    ``tok_s`` is the rate of the last ``window`` steps, timed from each step's start to its
+    end, so compilation, evaluation and checkpoint saves between steps do not dilute it once
+    they are past. At the end one line gives that rate and the run's average.
+
+    Args:
+        refresh_every: update the numbers every this many steps.
+        window: steps the shown rate is measured over.
+    """
+
+    def __init__(self, refresh_every: int = 1, window: int = 20) -> None:
         self.refresh_every = refresh_every
         self._bar: Any = None
+        self._recent: deque[tuple[int, float]] = deque(maxlen=window)
         self._t0 = 0.0
         self._tokens0 = 0
+        self._step_start = 0.0
+        self._step_tokens = 0
 
     def on_train_start(self, state: RunState, control: Control) -> None:
         if not state.is_main:
@@ -48,23 +61,43 @@ class ProgressBar(Callback):
             leave=True,
         )
         self._t0, self._tokens0 = time.perf_counter(), state.tokens_seen
+        self._recent.clear()
+
+    def on_step_start(self, state: RunState, control: Control) -> None:
+        if self._bar is not None:
+            self._step_start, self._step_tokens = time.perf_counter(), state.tokens_seen
 
     def on_step_end(self, state: RunState, control: Control) -> None:
         if self._bar is None:
             return
+        took = time.perf_counter() - self._step_start
+        self._recent.append((state.tokens_seen - self._step_tokens, took))
         self._bar.update(state.global_step - self._bar.n)
         if state.global_step % self.refresh_every == 0:
-            elapsed = max(time.perf_counter() - self._t0, 1e-9)
-            tok_s = (state.tokens_seen - self._tokens0) / elapsed
             self._bar.set_postfix(
                 loss=f"{state.last_loss:.4f}",
                 lr=f"{state.lr:.2e}",
-                tok_s=f"{tok_s:,.0f}",
+                tok_s=f"{self._recent_rate():,.0f}",
                 refresh=False,
             )
 
+    def _recent_rate(self) -> float:
+        tokens = sum(t for t, _ in self._recent)
+        return tokens / max(sum(s for _, s in self._recent), 1e-9)
+
     def on_train_end(self, state: RunState, control: Control) -> None:
+        shown = self._bar is not None and self._recent
         self._close()
+        if shown:
+            elapsed = max(time.perf_counter() - self._t0, 1e-9)
+            log.info(
+                "throughput: %s tokens/s over the last %d steps; %s tokens/s on average over "
+                "this run's %.1f s (start-up, compilation and evaluations included)",
+                f"{self._recent_rate():,.0f}",
+                len(self._recent),
+                f"{(state.tokens_seen - self._tokens0) / elapsed:,.0f}",
+                elapsed,
+            )
 
     def on_exception(self, state: RunState, control: Control) -> None:
         self._close()

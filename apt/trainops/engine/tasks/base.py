@@ -27,9 +27,9 @@ from apt.core.config import (
 )
 from apt.core.config.base import Section
 from apt.core.errors import ConfigError
-from apt.core.registry import Registry
 from apt.trainops.engine.lr_schedules import build_lr_scheduler
 from apt.trainops.engine.optim import build_optimizer
+from apt.trainops.plugins import TASKS
 
 __all__ = ["TASKS", "NoOptions", "StepOutput", "TrainingTask", "build_task"]
 
@@ -69,8 +69,10 @@ class TrainingTask:
     """
 
     name: ClassVar[str] = ""
-    #: The loss is a cross-entropy in nats, so exp(loss) is a perplexity worth reporting.
-    loss_is_cross_entropy: ClassVar[bool] = True
+    #: The loss is a likelihood (a cross-entropy in nats), so exp(loss) is a perplexity worth
+    #: reporting as ``val_perplexity``. Off unless a task says so: for a regression loss it
+    #: would be a meaningless number.
+    loss_is_cross_entropy: ClassVar[bool] = False
     #: The task's options (``training.task: {kind: ..., <option>: ...}``), a config section.
     Options: ClassVar[type[Section]] = NoOptions
 
@@ -125,10 +127,6 @@ class TrainingTask:
     ) -> StepOutput:
         """Like ``train_step`` without gradients (default: the same computation)."""
         return self.train_step(model, batch, criterion)
-
-
-#: Tasks by name, chosen with ``training.task`` or ``--task``.
-TASKS: Registry[type[TrainingTask]] = Registry("task")
 
 
 def build_task(spec: TaskSpec) -> TrainingTask:

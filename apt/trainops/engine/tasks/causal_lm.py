@@ -15,7 +15,7 @@ from apt.core.config import DataConfig, ModelConfig
 from apt.core.config.base import Section
 from apt.core.errors import DataError
 from apt.trainops.distributed import unwrap_model
-from apt.trainops.engine.tasks.base import TASKS, StepOutput, TrainingTask
+from apt.trainops.engine.tasks.base import StepOutput, TrainingTask
 
 __all__ = ["CausalLMTask", "split_batch"]
 
@@ -58,12 +58,14 @@ def _takes_targets(model: nn.Module) -> bool:
         return False
 
 
-@TASKS.register("causal_lm")
 class CausalLMTask(TrainingTask):
-    """Next-token cross-entropy. Models that accept ``targets=`` (APT models) compute their own
-    loss, auxiliary losses included; any other module must return logits ``(B, T, V)``."""
+    """Next-token prediction with cross-entropy on packed text: the language-modelling task.
+
+    Models that accept ``targets=`` (APT models) compute their own loss, auxiliary losses
+    included; any other module must return logits ``(B, T, V)``."""
 
     name = "causal_lm"
+    loss_is_cross_entropy = True
 
     def __init__(self, options: Section | None = None) -> None:
         super().__init__(options)

@@ -11,23 +11,22 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from apt.core.config import DataConfig, ModelConfig
-from apt.trainops.engine.tasks.base import TASKS, StepOutput, TrainingTask
+from apt.trainops.engine.tasks.base import StepOutput, TrainingTask
 
 __all__ = ["RegressionTask"]
 
 _FEATURES = 16
 
 
-@TASKS.register("regression")
 class RegressionTask(TrainingTask):
-    """Mean-squared error on synthetic ``y = x @ w + noise`` data (``x``: 16 features).
+    """An MLP fitting a noisy linear function with mean-squared error (a small demo task).
 
-    The model is an MLP of ``model.num_layers`` hidden layers of ``model.hidden_size``; the data
-    is generated from the training seed (1024 training and 256 validation samples).
+    The data is synthetic ``y = x @ w + noise`` (``x``: 16 features), generated from the
+    training seed (1024 training and 256 validation samples); the model has
+    ``model.num_layers`` hidden layers of ``model.hidden_size``.
     """
 
     name = "regression"
-    loss_is_cross_entropy = False
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         layers: list[nn.Module] = []

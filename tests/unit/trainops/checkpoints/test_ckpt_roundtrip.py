@@ -204,3 +204,15 @@ def test_state_that_needs_pickle_is_refused_at_save(ckpt_dir, setup_factory):
         CheckpointManager(save_dir=ckpt_dir).save(
             1, model=setup_factory(0).model, trainer_state={"x": object()}
         )
+
+
+def test_a_misspelled_option_names_the_nearest_one(ckpt_dir):
+    with pytest.raises(
+        ConfigError, match=r"keep_lastn: unknown option\. Did you mean 'keep_last_n'"
+    ) as err:
+        CheckpointManager(save_dir=ckpt_dir, keep_lastn=5)
+    assert "errors.pydantic.dev" not in str(err.value)
+    with pytest.raises(
+        ConfigError, match=r"keep_last_n: Input should be greater than or equal to 1"
+    ):
+        CheckpointManager(save_dir=ckpt_dir, keep_last_n=0)

@@ -186,3 +186,34 @@ def test_each_restart_gets_its_own_store_namespace(extra: dict, namespace: str |
     attempt left there must not be read by the next one."""
     env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", **extra}
     assert read_launcher_env(env).attempt_namespace() == namespace
+
+
+def test_a_launchers_world_of_one_is_a_process_group(no_launcher_env) -> None:
+    """torchrun --nproc-per-node 1: seed 002's DDPWrapper right after setup_distributed()."""
+    import socket
+
+    from torch import nn
+
+    from apt.trainops.distributed import DDPWrapper
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _launch(
+        no_launcher_env,
+        WORLD_SIZE="1",
+        RANK="0",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        env = setup_distributed("gloo", timeout_seconds=30, device="cpu")
+        assert dist.is_initialized() and (env.world_size, env.backend) == (1, "gloo")
+        model = DDPWrapper(nn.Linear(3, 2))
+        model(torch.randn(4, 3)).sum().backward()
+        assert isinstance(model, nn.parallel.DistributedDataParallel)
+        assert model.module.weight.grad is not None
+    finally:
+        teardown_distributed()

@@ -79,3 +79,28 @@ def test_user_callback_by_import_path(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(ConfigError, match="subclass of"):
         build_callback(CallbackSpec(name="my_callbacks:Callback2"))
     sys.modules.pop("my_callbacks", None)
+
+
+def test_the_progress_bar_shows_the_recent_rate_not_the_average(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from apt.trainops.engine import ProgressBar
+
+    clock = [0.0]
+    monkeypatch.setattr("apt.trainops.engine.callbacks.builtin.time.perf_counter", lambda: clock[0])
+    train = TrainState()
+    state = RunState(train, TrainingBundle(torch.nn.Linear(1, 1)), max_steps=30)
+    bar, control = ProgressBar(window=5), Control()
+    bar.on_train_start(state, control)
+    clock[0] += 60.0  # start-up and compilation before the first step
+    for step in range(1, 11):
+        bar.on_step_start(state, control)
+        clock[0] += 0.1 if step > 1 else 30.0  # the first step compiles
+        train.global_step, train.tokens_seen = step, train.tokens_seen + 1000
+        bar.on_step_end(state, control)
+        clock[0] += 20.0 if step % 4 == 0 else 0.0  # an evaluation between steps
+    assert bar._bar.postfix.endswith("tok_s=10,000")  # 5000 tokens in 0.5 s of steps
+    with caplog.at_level("INFO", logger="apt"):
+        bar.on_train_end(state, control)
+    assert "10,000 tokens/s over the last 5 steps" in caplog.text
+    assert "76 tokens/s on average" in caplog.text  # 10,000 tokens in 130.9 s

@@ -1,0 +1,148 @@
+"""``train`` and ``launch``: run training in this process, or in N processes through torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from apt.core.config import load_profile
+from apt.core.cpus import default_cpu_threads
+from apt.core.errors import ConfigError
+
+__all__ = ["cmd_launch", "cmd_train"]
+
+log = logging.getLogger("apt")
+
+
+def _end_with_launcher() -> None:
+    """Under torchrun, die with the launcher: torchrun starts workers in sessions of their own,
+    so a SIGKILL of the launcher would otherwise leave them training into the run folder, racing
+    the next run of the same command."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        log.warning("could not tie this worker to its launcher (errno %d)", ctypes.get_errno())
+    elif os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _end_with_launcher()
+    overrides = list(args.overrides)
+    if args.task:
+        overrides.append(f"training.task={args.task}")
+    cfg = load_profile(args.profile, overrides=overrides)
+    from apt.trainops.distributed import exit_process, teardown_distributed
+    from apt.trainops.engine import Trainer
+
+    trainer = Trainer.from_config(
+        cfg, allow_config_change=args.allow_config_change, new_run=args.new_run
+    )
+    log.info("run folder: %s", trainer.run_dir)
+    result = trainer.train()
+    if trainer.env.is_main and result.exit_signal is None:
+        _report(trainer, result)
+    code = _finish_message(result)
+    if trainer.env.world_size > 1 or trainer.env.backend is not None:
+        # Every rank is alive and idle: tear the group down, then end before finalization,
+        # where gloo's threads can abort a process that trained successfully.
+        teardown_distributed()
+        exit_process(code)
+    return code
+
+
+def _finish_message(result: Any) -> int:
+    """Say how an interrupted run ended; the exit code of the run."""
+    if result.exit_signal is None:
+        return 0
+    if result.global_step == 0:
+        print(
+            f"stopped by signal {result.exit_signal} before the first step; nothing was trained "
+            "and nothing saved.",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"stopped by signal {result.exit_signal} at step {result.global_step}; the run is "
+            f"saved in {result.run_dir}. Run the same command to resume.",
+            file=sys.stderr,
+        )
+    return 128 + int(result.exit_signal)
+
+
+def _report(trainer: Any, result: Any) -> None:
+    metrics = result.metrics
+    print(f"run folder: {result.run_dir}")
+    if "val_loss_initial" in metrics and "val_loss_final" in metrics:
+        first, last = metrics["val_loss_initial"], metrics["val_loss_final"]
+        change = (first - last) / first
+        print(f"validation loss: {first:.4f} -> {last:.4f} ({change:.1%} lower)")
+    prompt = trainer.config.artifacts.sample_prompt
+    model = trainer.strategy.unwrap(trainer.model)
+    if not prompt or not hasattr(model, "generate") or result.steps_run == 0:
+        return  # nothing trained in this call: its sample was printed when it was
+    if trainer.strategy.sharded:
+        print("sample: skipped (the model is sharded; load final_model to generate)")
+    else:
+        print("sample:\n" + _sample(trainer, model, prompt))
+
+
+def _sample(trainer: Any, model: Any, prompt: str) -> str:
+    import torch
+
+    from apt.trainops.data import build_tokenizer
+
+    tokenizer = build_tokenizer(trainer.config.data.tokenizer)
+    ids = torch.tensor([list(tokenizer.encode(prompt))], device=trainer.device)
+    gen = torch.Generator(device=trainer.device).manual_seed(trainer.config.training.seed)
+    out = model.generate(ids, max_new_tokens=160, temperature=0.8, top_k=40, generator=gen)
+    return str(tokenizer.decode(out[0].tolist()))
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    if not args.train_args or args.train_args[0] != "train":
+        raise ConfigError(
+            "launch runs a train command: launch --nproc-per-node 2 train --profile P"
+        )
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from apt.trainops.distributed.env import STATIC_RENDEZVOUS_ENV
+
+    argv = [
+        f"--nproc-per-node={args.nproc_per_node}",
+        f"--nnodes={args.nnodes}",
+        f"--node-rank={args.node_rank}",
+        f"--master-addr={args.master_addr}",
+        f"--master-port={args.master_port}",
+        f"--max-restarts={args.max_restarts}",
+        "--module",
+        "apt",
+        *args.train_args,
+    ]
+    os.environ[STATIC_RENDEZVOUS_ENV] = "1"  # torchrun passes it on to every worker
+    # The workers' share of this machine's CPUs (each Trainer sets its own from
+    # training.cpu_threads); set here, torchrun also skips its banner about the variable.
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(default_cpu_threads(processes=args.nproc_per_node))
+    )
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        failures = "; ".join(
+            f"rank {rank}: exit code {failure.exitcode}" for rank, failure in exc.failures.items()
+        )
+        print(
+            f"error: training processes failed ({failures}); see their messages above",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
