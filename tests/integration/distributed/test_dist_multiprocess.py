@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,3 +134,16 @@ def test_lost_peer_ends_rank0_with_clear_error(mode: str) -> None:
     if mode == "hang":
         assert "Timed out" in report[0]
     assert elapsed < FAULT_TIMEOUT_S + 45, f"rank 0 took {elapsed:.0f}s to give up"
+
+
+@pytest.mark.distributed
+def test_launch_sets_the_workers_threads_so_torchrun_prints_no_banner(tmp_path: Path) -> None:
+    env = {k: v for k, v in worker_env().items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "apt", "launch", "--nproc-per-node", "2",
+         f"--master-port={free_port()}", "train", "--profile", "cpu/ddp_tiny",
+         "--set", "training.max_steps=2", "--set", "data.max_corpus_bytes=3500"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Setting OMP_NUM_THREADS" not in proc.stderr

@@ -92,3 +92,12 @@ def test_resume_through_the_dataloader(tmp_path: Path) -> None:
     resumed.sampler.set_epoch(1)
     resumed.sampler.set_start(k * batch)
     assert [b.tolist() for b in resumed] == full[k:]
+
+
+def test_the_default_worker_count_fits_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from apt.trainops.data import loader as loader_module
+
+    data = list(range(8))
+    for cpus, expected in ((2, 2), (16, 4)):
+        monkeypatch.setattr(loader_module, "available_cpus", lambda cpus=cpus: cpus)
+        assert create_dataloader(data, batch_size=2).num_workers == expected
