@@ -94,6 +94,7 @@ def test_resume_through_the_dataloader(tmp_path: Path) -> None:
     assert [b.tolist() for b in resumed] == full[k:]
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # the 16-CPU case
 def test_the_default_worker_count_fits_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     from apt.trainops.data import loader as loader_module
 
