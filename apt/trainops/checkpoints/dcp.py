@@ -27,7 +27,15 @@ from apt.core.errors import CheckpointError, DistributedError
 from apt.trainops.checkpoints.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
 from apt.trainops.distributed import Strategy, group_rank, in_process_group
 
-__all__ = ["load_dcp", "read_dcp_into", "read_dcp_tensors", "save_dcp", "write_dcp"]
+__all__ = [
+    "load_dcp",
+    "load_module_shards",
+    "load_optimizer_shards",
+    "read_dcp_into",
+    "read_dcp_tensors",
+    "save_dcp",
+    "write_dcp",
+]
 
 StateDict = dict[str, Any]
 
@@ -149,14 +157,39 @@ def load_dcp(
             the state this model and optimizer need.
     """
     path = Path(path)
-    model_sd, _ = strategy.sharded_state_dict(model, None)
-    read_dcp_into(model_sd, path / "model", process_group=process_group)
-    strategy.load_sharded_state_dict(model, None, model_sd, {})
+    load_module_shards(path / "model", strategy, model, process_group=process_group)
     if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)  # torch creates missing state with a zero step
-        _, optim_sd = strategy.sharded_state_dict(model, optimizer)
-        read_dcp_into(optim_sd, path / "optim", process_group=process_group)
-        strategy.load_sharded_state_dict(model, optimizer, None, optim_sd)
+        load_optimizer_shards(
+            path / "optim", strategy, model, optimizer, process_group=process_group
+        )
+
+
+def load_module_shards(
+    folder: Path,
+    strategy: Strategy,
+    module: nn.Module,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
+    """Load a module's DCP folder into ``module`` (resharded for this strategy). Collective."""
+    state, _ = strategy.sharded_state_dict(module, None)
+    read_dcp_into(state, folder, process_group=process_group)
+    strategy.load_sharded_state_dict(module, None, state, {})
+
+
+def load_optimizer_shards(
+    folder: Path,
+    strategy: Strategy,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    process_group: dist.ProcessGroup | None = None,
+) -> None:
+    """Load an optimizer's DCP folder into ``optimizer`` of ``module``. Collective."""
+    optimizer.zero_grad(set_to_none=True)  # torch creates missing state with a zero step
+    _, state = strategy.sharded_state_dict(module, optimizer)
+    read_dcp_into(state, folder, process_group=process_group)
+    strategy.load_sharded_state_dict(module, optimizer, None, state)
 
 
 def read_dcp_tensors(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from apt.core.errors import CheckpointError
-from apt.trainops.checkpoints.dcp import read_dcp_into
+from apt.trainops.checkpoints.dcp import load_module_shards, load_optimizer_shards
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
 from apt.trainops.checkpoints.parts import Part, module_of, part_file, part_folder
 from apt.trainops.checkpoints.tensorio import clean_name, join_tensors, read_safetensors
@@ -147,10 +147,8 @@ def _load_module(
     map_location: str,
 ) -> None:
     if _is_dcp(ckpt, module):
-        strategy = _need_strategy(strategy, ckpt)
-        state, _ = strategy.sharded_state_dict(module.obj, None)
-        read_dcp_into(state, ckpt.path / part_folder(module.name, "module"), process_group=group)
-        strategy.load_sharded_state_dict(module.obj, None, state, {})
+        folder = ckpt.path / part_folder(module.name, "module")
+        load_module_shards(folder, _need_strategy(strategy, ckpt), module.obj, process_group=group)
         return
     state = _read_module(ckpt, module.name, map_location)
     if strategy is None:
@@ -169,13 +167,14 @@ def _load_optimizer(
 ) -> None:
     opt: Optimizer = optimizer.obj
     if _is_dcp(ckpt, optimizer):
-        strategy = _need_strategy(strategy, ckpt)
-        owner = module_of(optimizer, parts)
-        opt.zero_grad(set_to_none=True)  # torch creates missing state with a zero step
-        _, state = strategy.sharded_state_dict(owner, opt)
         folder = ckpt.path / part_folder(optimizer.name, "optimizer")
-        read_dcp_into(state, folder, process_group=group)
-        strategy.load_sharded_state_dict(owner, opt, None, state)
+        load_optimizer_shards(
+            folder,
+            _need_strategy(strategy, ckpt),
+            module_of(optimizer, parts),
+            opt,
+            process_group=group,
+        )
         return
     rel = part_file(optimizer.name, "optimizer")
     state = read_state(ckpt, rel, f"{optimizer.name} state", map_location)
