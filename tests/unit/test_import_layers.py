@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: The legacy layer: apt/ never imports it (compat/apt_model is installed as ``apt_model``).
+LEGACY = ("apt_model", "compat")
+
 #: package -> prefixes it must never import
 FORBIDDEN = {
-    "apt/core": ("apt.model", "apt.trainops", "apt.cli", "apt_model"),
-    "apt/model": ("apt.trainops", "apt.cli", "apt_model"),
-    "apt/trainops": ("apt.cli", "apt_model"),
+    "apt/core": ("apt.model", "apt.trainops", "apt.cli", *LEGACY),
+    "apt/model": ("apt.trainops", "apt.cli", *LEGACY),
+    "apt/trainops": ("apt.cli", *LEGACY),
+    "apt": LEGACY,
 }
 
 
@@ -43,3 +49,47 @@ def test_the_check_sees_real_imports() -> None:
     # Guard against a vacuous pass: the engine does import apt.core.
     engine = ROOT / "apt/trainops/engine/trainer.py"
     assert any(name.startswith("apt.core") for _, name in imported_modules(engine))
+
+
+def _names_legacy(text: str) -> bool:
+    return any(text == p or text.startswith((f"{p}.", f"{p}:")) for p in LEGACY)
+
+
+def test_apt_names_no_legacy_module_in_strings() -> None:
+    # Lazy imports name their modules in strings (apt.trainops.engine's _HOMES, plugin tables).
+    bad = [
+        f"{path.relative_to(ROOT)}:{node.lineno} names {node.value!r}"
+        for path in sorted((ROOT / "apt").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        if _names_legacy(node.value)
+    ]
+    assert bad == []
+
+
+def test_the_string_check_tells_legacy_names_from_apt_ones() -> None:
+    assert _names_legacy("apt_model.training.callbacks") and _names_legacy("compat.apt_model")
+    assert not _names_legacy("apt.model.architectures.apt_model")
+    assert not _names_legacy("JSON-compatible")
+
+
+def test_importing_all_of_apt_loads_no_legacy_module() -> None:
+    # Every module of apt/, imported for real in a fresh interpreter: none pulls in apt_model.
+    code = (
+        "import importlib, pkgutil, sys, apt\n"
+        "failed = []\n"
+        "for info in pkgutil.walk_packages(apt.__path__, 'apt.'):\n"
+        "    try:\n"
+        "        importlib.import_module(info.name)\n"
+        "    except ImportError as exc:  # an optional extra that is not installed\n"
+        "        failed.append(f'{info.name}: {exc}')\n"
+        "legacy = sorted(m for m in sys.modules if m.split('.')[0] in ('apt_model', 'compat'))\n"
+        "print(len([m for m in sys.modules if m.startswith('apt.')]), legacy, failed)\n"
+        "sys.exit(1 if legacy else 0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    loaded = int(out.stdout.split()[0])
+    assert loaded > 50, out.stdout  # the walk really imported the package
