@@ -85,6 +85,7 @@ def trainer_loop(
                 "precision": args.precision,
                 "device": args.device,
                 "auto_resume": False,
+                "on_nonfinite": args.on_nonfinite,
                 "checkpoints": {"save_interval": None},
             },
             "eval": {"at_start": False},
@@ -119,6 +120,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument(
+        "--on-nonfinite",
+        default="stop",
+        choices=["stop", "skip_step", "continue"],
+        help="training.on_nonfinite of the Trainer (stop: the default's cost is measured)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
 
@@ -146,6 +153,7 @@ def main() -> None:
         "model": cfg.model_dump(include={"hidden_size", "num_layers", "max_seq_len"}),
         "batch": args.batch,
         "precision": args.precision,
+        "on_nonfinite": args.on_nonfinite,
         "steps_measured": len(plain),
         "plain_ms": round(p_med * 1e3, 3),
         "trainer_ms": round(f_med * 1e3, 3),

@@ -15,8 +15,10 @@ from typing import Any
 import yaml
 
 from apt.core.config import APTConfig, load_profile, profile_files, resolve_profile
+from apt.core.config.devices import check_device_present
+from apt.core.redact import redact
 
-__all__ = ["check_plugins", "cmd_config", "cmd_profiles", "cmd_tasks"]
+__all__ = ["check_device", "check_plugins", "cmd_config", "cmd_profiles", "cmd_tasks"]
 
 
 def _where(path: Path) -> str:
@@ -29,7 +31,8 @@ def _where(path: Path) -> str:
 
 
 def provenance_lines(cfg: APTConfig) -> list[str]:
-    """The resolved config as YAML, each value followed by where it came from."""
+    """The resolved config as YAML, each value followed by where it came from; credentials in
+    values (a URI's password, a ``token=`` parameter) are hidden."""
     lines: list[str] = []
 
     def walk(node: Any, prefix: str, indent: int) -> None:
@@ -41,7 +44,7 @@ def provenance_lines(cfg: APTConfig) -> list[str]:
                 walk(value, dotted, indent + 1)
             else:
                 text = yaml.safe_dump({key: value}, default_flow_style=True, width=200).strip()
-                lines.append(f"{pad}{text[1:-1]:<48} # {cfg.origin_of(dotted)}")
+                lines.append(redact(f"{pad}{text[1:-1]:<48} # {cfg.origin_of(dotted)}"))
 
     walk(cfg.to_dict(), "", 0)
     return lines
@@ -89,6 +92,26 @@ def check_plugins(cfg: APTConfig) -> None:
     )
 
 
+def check_device(cfg: APTConfig) -> None:
+    """Refuse a ``training.device`` this machine does not have (torch is imported only when
+    the config names ``cuda`` or ``mps``).
+
+    Raises:
+        ConfigError: naming ``training.device`` and the devices there are.
+    """
+    device = cfg.training.device
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    check_device_present(
+        device,
+        cuda_devices=torch.cuda.device_count(),
+        mps_available=torch.backends.mps.is_available(),
+        where=cfg.origin_of("training.device"),
+    )
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "schema":
         schema = APTConfig.model_json_schema()
@@ -99,6 +122,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(json.dumps(schema, indent=2))
         return 0
     cfg = load_profile(args.file, overrides=args.overrides)
+    check_device(cfg)
     check_plugins(cfg)
     print(f"OK: {cfg.source} is a valid APT config (fingerprint {cfg.fingerprint()[:12]})")
     return 0

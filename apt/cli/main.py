@@ -1,7 +1,8 @@
 """``python -m apt`` / ``apt-train``: train, inspect profiles, validate configs.
 
-Exit codes: 0 success, 2 configuration or usage error (a message, no traceback), 1 any other
-failure, 128 + the signal when stopped by SIGINT (130) or SIGTERM (143).
+Exit codes: 0 success, 2 configuration or usage error, or a run folder that cannot be used (held
+by another run, a file, not writable) (a message, no traceback), 1 any other failure, 128 + the
+signal when stopped by SIGINT (130) or SIGTERM (143).
 """
 
 from __future__ import annotations
@@ -119,6 +120,21 @@ _COMMANDS = {
 }
 
 
+def _exit_code(code: int) -> int:
+    """``code``; a process of a distributed run ends with it at once instead.
+
+    Its ranks stop together on an error every rank raises (a run folder another run holds, a
+    failed save or export), and gloo's threads can abort a process in the interpreter's
+    finalization; the run's files are closed by then.
+    """
+    if "torch.distributed" in sys.modules:
+        from apt.trainops.distributed import exit_process, in_process_group
+
+        if in_process_group():
+            exit_process(code)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     guard_console()
@@ -133,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _exit_code(exc.exit_code)
     except DistributedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         # The process group whose peer died cannot be torn down: its destructors can block on
@@ -143,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_process(exc.exit_code)
     except APTError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _exit_code(exc.exit_code)
     except StopNow as exc:
         print(
             f"{signal.Signals(exc.signum).name} again: stopped at once, without saving. The "

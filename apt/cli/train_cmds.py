@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Any
 
+from apt.cli.inspect_cmds import check_device
 from apt.core.config import load_profile
 from apt.core.cpus import default_cpu_threads
 from apt.core.errors import ConfigError
@@ -40,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.task:
         overrides.append(f"training.task={args.task}")
     cfg = load_profile(args.profile, overrides=overrides)
+    check_device(cfg)
     from apt.trainops.distributed import exit_process, teardown_distributed
     from apt.trainops.engine import Trainer
 
@@ -81,6 +83,8 @@ def _finish_message(result: Any) -> int:
 def _report(trainer: Any, result: Any) -> None:
     metrics = result.metrics
     print(f"run folder: {result.run_dir}")
+    if result.export_error:
+        print("final model: NOT exported (the warning above says why)")
     if "val_loss_initial" in metrics and "val_loss_final" in metrics:
         first, last = metrics["val_loss_initial"], metrics["val_loss_final"]
         change = (first - last) / first
@@ -144,5 +148,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
             f"error: training processes failed ({failures}); see their messages above",
             file=sys.stderr,
         )
-        return 1
+        # Workers that all failed for the same reason a code names (2: config, 3: diverged)
+        # pass it on; anything else is a failure (1).
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        return codes.pop() if len(codes) == 1 and codes <= {2, 3} else 1
     return 0

@@ -1,6 +1,7 @@
-"""Foundations shared by every APT domain: config, errors, registry."""
+"""Foundations shared by every APT domain: config, errors, registry, redaction."""
 
 from apt.core.errors import APTError, CheckpointError, ConfigError, DataError, DistributedError
+from apt.core.redact import redact
 from apt.core.registry import Registry
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "DataError",
     "DistributedError",
     "Registry",
+    "redact",
 ]

@@ -7,23 +7,32 @@ exits with a code chosen by the error's class, never a traceback.
 
 from __future__ import annotations
 
+from apt.core.redact import redact
+
 __all__ = [
     "APTError",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "DistributedError",
+    "TrainingDiverged",
 ]
 
 
 class APTError(Exception):
     """Base class of every error APT raises because of user input or the environment.
 
+    Text arguments go through :func:`apt.core.redact.redact`, so a message that quotes a value
+    (a URI with a password, a ``token=`` parameter) never shows the secret.
+
     Attributes:
         exit_code: the process exit code the CLI uses when this error ends a command.
     """
 
     exit_code: int = 1
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class ConfigError(APTError):
@@ -42,3 +51,9 @@ class DataError(APTError):
 
 class DistributedError(APTError):
     """The distributed environment is inconsistent, or a peer rank failed."""
+
+
+class TrainingDiverged(APTError):
+    """The loss, the gradients or the weights stopped being finite (CLI exit code 3)."""
+
+    exit_code = 3

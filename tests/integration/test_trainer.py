@@ -241,3 +241,11 @@ def test_an_extra_part_of_the_bundle_is_checkpointed_and_resumed(tmp_path: Path)
     second.train()
     assert second.state.global_step == 6
     torch.testing.assert_close(fresh.weight, at_step_4 + 2.0, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="this machine has a cuda:3")
+def test_a_device_the_machine_lacks_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"training.device: 'cuda:3', but this machine has"):
+        Trainer(
+            model=BigramLM(), train_dataset=PatternText(), device="cuda:3", output_dir=str(tmp_path)
+        )

@@ -10,7 +10,25 @@ from apt.core.config.base import Section
 from apt.core.config.plugins import TokenizerSpec
 from apt.core.config.resume import FREE
 
-__all__ = ["DataConfig"]
+__all__ = ["TOKENIZER_VOCAB", "DataConfig", "vocab_mismatch"]
+
+#: Vocabulary size of the tokenizers whose size is known without building them.
+TOKENIZER_VOCAB: dict[str, int] = {"byte": 256}
+
+
+def vocab_mismatch(vocab_size: int, tokenizer: str, tokenizer_vocab: int) -> str | None:
+    """Why ``model.vocab_size`` cannot hold the ids of the tokenizer, or None when it can.
+
+    The load-time check covers :data:`TOKENIZER_VOCAB`; code that builds another tokenizer
+    calls this with the built tokenizer's size and raises ``ConfigError`` with the message.
+    """
+    if vocab_size >= tokenizer_vocab:
+        return None
+    return (
+        f"model.vocab_size: {vocab_size} is smaller than the vocabulary of data.tokenizer "
+        f"{tokenizer!r} ({tokenizer_vocab} ids): ids past {vocab_size - 1} would have no "
+        f"embedding row. To fix: set model.vocab_size to at least {tokenizer_vocab}."
+    )
 
 
 class DataConfig(Section):

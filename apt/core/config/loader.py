@@ -10,15 +10,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from apt.core.config.plugins import PluginSpec
 from apt.core.config.root import APTConfig
 from apt.core.config.schedules import ENTRY_TAGS
 from apt.core.config.schema_walk import field_annotation, model_at, unwrap
-from apt.core.config.yaml_io import read_yaml
+from apt.core.config.yaml_io import parse_yaml, read_yaml
 from apt.core.errors import ConfigError
+from apt.core.redact import redact
 from apt.core.registry import closest_names
 
 __all__ = ["list_profiles", "load_profile", "profile_files", "resolve_profile"]
@@ -153,14 +153,21 @@ def _leaf_paths(data: Any, prefix: str = "") -> list[str]:
 
 
 def _read_chain(
-    path: Path, search_path: list[Path] | None, seen: tuple[Path, ...]
+    path: Path, search_path: list[Path] | None, seen: tuple[Path, ...], via: str | None = None
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Read ``path`` and its ``extends`` ancestors; return the merged data and its provenance."""
+    """Read ``path`` and its ``extends`` ancestors; return the merged data and its provenance.
+
+    ``via`` is the ``file:line`` of the ``extends:`` that named ``path``, for messages."""
     resolved = path.resolve()
     if resolved in seen:
         cycle = " -> ".join(str(p) for p in (*seen, resolved))
         raise ConfigError(f"profiles extend each other in a cycle: {cycle}")
-    raw, lines = read_yaml(path)
+    try:
+        raw, lines = read_yaml(path, sections=("extends", *APTConfig.model_fields))
+    except ConfigError as exc:
+        if via is None:
+            raise
+        raise ConfigError(f"{str(exc).rstrip('.')} (named by extends: at {via}).") from None
     parent_name = raw.pop("extends", None)
     data = _canonicalize(raw, [], raw, str(path))
     lines.update({_canonical_path(k): v for k, v in lines.items()})
@@ -176,7 +183,9 @@ def _read_chain(
         parent_path = resolve_profile(parent_name, search_path, relative_to=path.parent)
     except ConfigError as exc:
         raise ConfigError(f"{path}:{lines.get('extends')}: extends: {exc}") from None
-    parent, parent_provenance = _read_chain(parent_path, search_path, (*seen, resolved))
+    parent, parent_provenance = _read_chain(
+        parent_path, search_path, (*seen, resolved), via=f"{path}:{lines.get('extends')}"
+    )
     merged = _merge(parent, data)
     # A child mapping that replaced its parent's (a new `type:`) drops the parent's entries.
     kept = {k: v for k, v in parent_provenance.items() if _has_path(merged, k)}
@@ -222,11 +231,12 @@ def _has_path(data: dict[str, Any], dotted: str) -> bool:
     return True
 
 
-def _parse_value(annotation: Any, text: str) -> Any:
+def _parse_value(annotation: Any, text: str, key: str) -> Any:
     """Turn an override's text into a value for a field of type ``annotation``.
 
     Scalars stay text for pydantic to convert by the field's type ("true" -> bool, "3e-4" ->
-    float, "007" stays "007" for a str field); lists, mappings and unknown fields go through YAML.
+    float, "007" stays "007" for a str field); lists, mappings and unknown fields go through YAML,
+    under the limits of a profile file (``parse_yaml``).
     """
     members = unwrap(annotation) if annotation is not None else []
     if text.lower() in ("null", "none", "~") and (annotation is None or _allows_none(annotation)):
@@ -234,10 +244,7 @@ def _parse_value(annotation: Any, text: str) -> Any:
     scalar = (str, int, float, bool)
     if members and all(m in scalar or typing.get_origin(m) is typing.Literal for m in members):
         return text
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    return parse_yaml(text, f"--set {key}", text_if_invalid=True)
 
 
 def _allows_none(annotation: Any) -> bool:
@@ -271,9 +278,10 @@ def apply_overrides(
                 child = {}
                 node[part] = child
             node = child
-        node[parts[-1]] = _parse_value(field_annotation(APTConfig, parts, out), text.strip())
+        annotation = field_annotation(APTConfig, parts, out)
+        node[parts[-1]] = _parse_value(annotation, text.strip(), key)
         provenance = {k: v for k, v in provenance.items() if not k.startswith(key + ".")}
-        provenance[key] = f"--set {item}"
+        provenance[key] = f"--set {redact(item)}"
     return out, provenance
 
 
@@ -328,8 +336,18 @@ def _describe(error: Any, data: dict[str, Any], provenance: dict[str, str]) -> s
         did_you_mean = f" Did you mean {' or '.join(map(repr, hint))}?" if hint else ""
         return f"{dotted}: unknown key.{did_you_mean} Valid keys here: {', '.join(valid)}{location}"
     got = error.get("input")
-    shown = "" if isinstance(got, (dict, list)) or error["type"] == "missing" else f" (got {got!r})"
+    shown = (
+        ""
+        if isinstance(got, (dict, list)) or error["type"] == "missing"
+        else f" (got {_short(got)})"
+    )
     return f"{dotted}: {message}{shown}{location}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a value may be a whole file's text)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def validate(data: dict[str, Any], provenance: dict[str, str], source: str) -> APTConfig:

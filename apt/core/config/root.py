@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from apt.core.config.base import Section
 from apt.core.config.callbacks import CallbackSpec
-from apt.core.config.data import DataConfig
+from apt.core.config.data import TOKENIZER_VOCAB, DataConfig, vocab_mismatch
 from apt.core.config.model import PRESETS, ModelConfig
 from apt.core.config.resume import FREE
 from apt.core.config.runtime import ArtifactsConfig, EvalConfig, MonitoringConfig
@@ -59,6 +59,20 @@ class APTConfig(Section):
         )
         if errors:
             raise ValueError(errors[0])
+        return self
+
+    @model_validator(mode="after")
+    def _data_fits_the_model(self) -> APTConfig:
+        known = TOKENIZER_VOCAB.get(self.data.tokenizer.kind)
+        problem = known and vocab_mismatch(self.model.vocab_size, self.data.tokenizer.kind, known)
+        if problem:
+            raise ValueError(problem)
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len: {self.data.seq_len} is longer than model.max_seq_len "
+                f"({self.model.max_seq_len}), the longest sequence the model has positions "
+                "for. To fix: lower data.seq_len or raise model.max_seq_len."
+            )
         return self
 
     @classmethod

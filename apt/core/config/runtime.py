@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from apt.core.config.base import Section
 
@@ -41,7 +41,9 @@ class ArtifactsConfig(Section):
 
     output_dir: str = Field("runs", description="Root of all run folders.")
     experiment_name: str = Field(
-        "default", min_length=1, description="Run folder name; the same name resumes the run."
+        "default",
+        description="Run folder name, one path component (no / or \\, not . or ..); the same "
+        "name resumes the run.",
     )
     save_final_model: bool = Field(
         True, description="Write <run>/final_model (config.json + model.safetensors) at the end."
@@ -49,3 +51,26 @@ class ArtifactsConfig(Section):
     sample_prompt: str | None = Field(
         None, description="Print a short generated sample from this prompt at the end."
     )
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _one_path_component(cls, name: str) -> str:
+        problem = _component_problem(name)
+        if problem:
+            raise ValueError(f"{problem}; the run folder is <output_dir>/<experiment_name>")
+        return name
+
+
+def _component_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one folder or file name, or None when it can.
+
+    One component: not empty, not ``.`` or ``..``, no ``/`` or ``\\`` (so never absolute, never
+    outside its parent folder), no control character (a NUL ends a path in the OS).
+    """
+    if name in ("", ".", ".."):
+        return f"must be a folder name, not {name!r}"
+    if "/" in name or "\\" in name:
+        return "must be one folder name, without / or \\"
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        return "must not hold control characters (NUL, newline, tab, ...)"
+    return None

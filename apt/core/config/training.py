@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from apt.core.config.base import Section
+from apt.core.config.devices import DEVICE_FORMS, is_device_form
 from apt.core.config.plugins import TaskSpec
 from apt.core.config.resume import CRITICAL
 
@@ -24,9 +25,18 @@ STRATEGIES = ("single", "ddp", "fsdp")
 class _AdamOptions(Section):
     resume = "free"
 
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam beta1, beta2.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), description="Adam beta1, beta2, each in [0, 1)."
+    )
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     fused: bool | None = Field(None, description="Fused kernel; None: on where supported (CUDA).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError("each beta must be in [0, 1), e.g. [0.9, 0.95]")
+        return betas
 
 
 class AdamWConfig(_AdamOptions):
@@ -52,6 +62,12 @@ class SGDConfig(Section):
     momentum: float = Field(0.9, ge=0, description="Momentum factor.")
     nesterov: bool = Field(False, description="Nesterov momentum.")
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty of weight matrices only.")
+
+    @model_validator(mode="after")
+    def _nesterov_has_momentum(self) -> SGDConfig:
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: true needs momentum > 0; set momentum (e.g. 0.9)")
+        return self
 
 
 OptimizerConfig = Annotated[AdamWConfig | AdamConfig | SGDConfig, Field(discriminator="kind")]
@@ -177,7 +193,8 @@ class DistributedConfig(Section):
     timeout_seconds: int = Field(
         600,
         ge=1,
-        description="Collective timeout (a dead peer ends "
+        le=7 * 24 * 3600,
+        description="Collective timeout, at most a week (a dead peer ends "
         "the run after this long instead of hanging).",
     )
     ddp: DDPOptions = Field(default_factory=DDPOptions, description="DDP options.")
@@ -249,20 +266,36 @@ class TrainingConfig(Section):
         "set, the run trains one epoch.",
     )
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
+    on_nonfinite: Literal["stop", "skip_step", "continue"] = Field(
+        "stop",
+        description="A non-finite loss, gradient norm or weight: stop (name the step, keep the "
+        "last finite checkpoint as LATEST, exit 3), skip_step (skip that update; fail after "
+        "max_skipped_steps in a row) or continue (train on, as before).",
+    )
+    max_skipped_steps: int = Field(
+        10, ge=1, description="on_nonfinite: skip_step fails after this many skips in a row."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast dtype (fp16 adds a GradScaler)."
     )
     compile: bool = Field(False, description="Wrap the model with torch.compile.")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    device: str = Field(
+        "auto",
+        description="auto (cuda when present, else cpu), cpu, cuda, cuda:N (GPU N, one "
+        "process) or mps (Apple GPU, one process).",
+    )
     seed: int = Field(
         1234,
-        description="Seed of every random source (model init, data order).",
+        ge=0,
+        le=2**63 - 1,
+        description="Seed of every random source (model init, data order), 0 to 2**63 - 1.",
         json_schema_extra=CRITICAL,
     )
     deterministic: bool = Field(False, description="Use deterministic algorithms only.")
     cpu_threads: int | None = Field(
         None,
         ge=1,
+        le=4096,
         description="Intra-op CPU threads per process (torch.set_num_threads). None: the CPUs "
         "available shared among this machine's training processes, less one per DataLoader "
         "worker. On a machine shared with other busy work, 1 is often much faster.",
@@ -287,3 +320,13 @@ class TrainingConfig(Section):
         ):
             return {**data, "num_epochs": 1}
         return data
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, device: str) -> str:
+        if not is_device_form(device):
+            raise ValueError(
+                f"not a device APT can train on; use one of {', '.join(DEVICE_FORMS)} "
+                "(N: a GPU index)"
+            )
+        return device

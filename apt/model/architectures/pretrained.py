@@ -2,19 +2,29 @@
 
 Nothing is unpickled: the config is JSON validated by :class:`ModelConfig`, the weights are
 safetensors. Tied tensors are written once and restored to every name that shares them.
+
+Loading refuses, before allocating anything, what could not be a model folder: a file that is
+not a regular file (a FIFO never blocks the reader), a ``config.json`` over
+:data:`CONFIG_MAX_BYTES` or nested too deeply to parse, a config that describes more parameters
+than ``model.safetensors`` holds values (:func:`config_parameters`), or RoPE tables over
+:data:`MAX_ROPE_ENTRIES`. Links are followed (a hub cache links its files into place). Weights
+that hold NaN or infinite values load, with a warning naming them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from apt.core.config.model import ModelConfig
@@ -24,10 +34,26 @@ from apt.core.files import apply_umask
 if TYPE_CHECKING:
     from apt.model.architectures.apt_model import APTModel
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_pretrained", "load_weights", "save_pretrained"]
+__all__ = [
+    "CONFIG_MAX_BYTES",
+    "CONFIG_NAME",
+    "MAX_ROPE_ENTRIES",
+    "WEIGHTS_NAME",
+    "config_parameters",
+    "load_pretrained",
+    "load_weights",
+    "save_pretrained",
+]
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: A ``config.json`` larger than this is refused (a model config is about 1 KB).
+CONFIG_MAX_BYTES = 1 << 20
+#: RoPE tables (``max_seq_len`` x head size entries, built in float64, kept as float32 cos and
+#: sin: 16 bytes per entry while built) larger than this are refused: 2^28 entries, 4 GiB.
+MAX_ROPE_ENTRIES = 1 << 28
 _COMPILE_PREFIX = "_orig_mod."
 
 _M = TypeVar("_M", bound="APTModel")
@@ -89,14 +115,49 @@ def save_pretrained(
     return out
 
 
+def _read_regular(path: Path, limit: int | None = None) -> bytes | None:
+    """The bytes of ``path`` (None when ``limit`` is None: only checked), if it is a regular
+    file; opened non-blocking, so a FIFO is refused instead of waited on.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a regular file, or larger than ``limit``.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise CheckpointError(
+            f"{path} is not a regular file (a folder, FIFO or device). Point at a folder "
+            "written by model.save_pretrained(dir)."
+        )
+    with os.fdopen(fd, "rb") as fh:
+        if limit is None:
+            return None
+        if st.st_size > limit:
+            raise CheckpointError(
+                f"{path} is {st.st_size} bytes; a model config is about 1 KB (limit "
+                f"{limit} bytes). It is not a config written by model.save_pretrained(dir)."
+            )
+        return fh.read(limit + 1)
+
+
 def _read_config(path: Path) -> ModelConfig:
-    if not path.is_file():
+    try:
+        data = _read_regular(path, CONFIG_MAX_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(
             f"{path} not found: a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}. "
             "Point at a folder written by model.save_pretrained(dir)."
-        )
+        ) from None
+    assert data is not None
     try:
-        return ModelConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
+        return ModelConfig.model_validate(json.loads(data))
+    except RecursionError:
+        raise CheckpointError(
+            f"{path} is not a valid model config (nested too deeply to parse). Re-save the "
+            "model with model.save_pretrained(dir), or restore the file from a backup."
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, ValidationError
         detail = str(exc).splitlines()[0] if not isinstance(exc, ValidationError) else str(exc)
         raise CheckpointError(
@@ -105,12 +166,69 @@ def _read_config(path: Path) -> ModelConfig:
         ) from None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
+def config_parameters(config: ModelConfig) -> int:
+    """The parameters the model of ``config`` has, each shared tensor counted once (align
+    reference copies, buffers and switch flags are not counted): a lower bound on the values
+    its ``model.safetensors`` stores. Computed from the sizes, without building anything."""
+    D, V, F = config.hidden_size, config.vocab_size, config.mlp_hidden_size
+    Dh = D // config.num_heads
+    attention = 2 * D * config.num_heads * Dh + 2 * D * config.kv_heads * Dh  # q, o; k, v
+    block = attention + 3 * D * F + 2 * D  # + SwiGLU (gate, up, down) + two RMSNorms
+    total = V * D * (1 if config.tie_embeddings else 2) + config.num_layers * block + D
+    if config.moe is not None:  # an MoE block keeps its dense MLP beside router and experts
+        E = config.moe.num_experts
+        total += (config.num_layers // config.moe.every_n_layers) * (D * E + 3 * E * D * F)
+    return total
+
+
+def _stored_values(path: Path) -> int:
+    """How many values ``model.safetensors`` holds, from its header only.
+
+    Raises:
+        CheckpointError: missing, not a regular file, or not a valid safetensors file.
+    """
+    try:
+        _read_regular(path)
+        with safe_open(str(path), framework="pt") as fh:
+            return sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys())  # noqa: SIM118
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(
             f"{path} not found: the weights are missing next to {CONFIG_NAME}. "
             "Re-save the model with model.save_pretrained(dir)."
+        ) from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is corrupt or truncated ({exc}). Re-save the model with "
+            "model.save_pretrained(dir), or restore the file from a backup."
+        ) from None
+
+
+def _check_sizes(config: ModelConfig, config_path: Path, weights: Path) -> None:
+    """Refuse, before anything is allocated, a config the weights file cannot fill.
+
+    Raises:
+        CheckpointError: naming ``config.json`` and the fields that make the model too big.
+    """
+    claimed, stored = config_parameters(config), _stored_values(weights)
+    if claimed > stored:
+        moe = f", moe.num_experts={config.moe.num_experts}" if config.moe else ""
+        raise CheckpointError(
+            f"{config_path}: describes a model of {claimed:,} parameters (vocab_size="
+            f"{config.vocab_size}, hidden_size={config.hidden_size}, num_layers="
+            f"{config.num_layers}, intermediate_size={config.mlp_hidden_size}{moe}), but "
+            f"{weights} holds only {stored:,} values: the config does not belong to these "
+            "weights. Nothing was allocated; re-save the model with model.save_pretrained(dir)."
         )
+    head = config.hidden_size // config.num_heads
+    if config.max_seq_len * head > MAX_ROPE_ENTRIES:
+        raise CheckpointError(
+            f"{config_path}: max_seq_len={config.max_seq_len} x head size {head} makes RoPE "
+            f"tables of {config.max_seq_len * head:,} entries, over the limit of "
+            f"{MAX_ROPE_ENTRIES:,} (4 GiB while built). Nothing was allocated."
+        )
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -120,6 +238,25 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     # A torch.compile'd module prefixes every key; the plain model has none.
     return {k.removeprefix(_COMPILE_PREFIX): v for k, v in state.items()}
+
+
+def _warn_non_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """One warning naming the tensors that hold NaN or infinite values (they load as they are)."""
+    bad = [
+        name
+        for name, t in state.items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if bad:
+        log.warning(
+            "%s: %d of %d tensors hold NaN or infinite values: %s%s. The model loaded as saved; "
+            "its outputs will not be finite where these are used.",
+            source,
+            len(bad),
+            len(state),
+            ", ".join(bad[:10]),
+            " ..." if len(bad) > 10 else "",
+        )
 
 
 def load_weights(model: APTModel, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -166,7 +303,9 @@ def load_pretrained(
     """Build ``cls`` from ``directory/config.json`` and load ``directory/model.safetensors``.
 
     Raises:
-        CheckpointError: the folder or a file is missing, corrupt or inconsistent.
+        CheckpointError: the folder or a file is missing, not a regular file, corrupt or
+            inconsistent; or the config describes a model the weights cannot fill (checked
+            before anything is allocated: see the module docstring).
     """
     folder = Path(directory)
     if not folder.is_dir():
@@ -174,9 +313,11 @@ def load_pretrained(
             f"model folder {folder} not found. Pass a folder written by model.save_pretrained(dir)."
         )
     config = _read_config(folder / CONFIG_NAME)
+    _check_sizes(config, folder / CONFIG_NAME, folder / WEIGHTS_NAME)
     state = _read_weights(folder / WEIGHTS_NAME)
     model = cls(config)
     load_weights(model, state, folder / WEIGHTS_NAME)
+    _warn_non_finite(state, folder / WEIGHTS_NAME)
     if device is not None:
         model.to(device)
     return model

@@ -1,8 +1,9 @@
-"""The run folder: resolved config, provenance, metric log, exported model."""
+"""The run folder: its lock, resolved config, provenance, metric log, exported model."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -13,20 +14,65 @@ import yaml
 from torch import nn
 
 from apt.core.config import ArtifactsConfig
-from apt.core.files import apply_umask
+from apt.core.errors import ConfigError
+from apt.trainops.artifacts.errors import RunFolderError
+from apt.trainops.artifacts.export import write_model
+from apt.trainops.artifacts.run_lock import RunLock
 
-__all__ = ["ArtifactManager"]
+__all__ = ["ArtifactManager", "check_folder_name", "is_inside"]
+
+
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """``path`` is ``folder`` or below it (absolute paths compared; symlinks not followed)."""
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+
+
+def check_folder_name(name: str) -> str:
+    """``name`` when it is one path component (a folder name), else a ConfigError.
+
+    ``..``, ``a/b`` or an absolute path would put the run folder outside ``output_dir`` (and
+    ``--new-run`` would move whatever it names); ``.`` is ``output_dir`` itself. The same rule as
+    the schema's, checked again here for managers built from keywords.
+    """
+    if (
+        name in ("", ".", "..")
+        or any(c in name for c in ("/", "\\", os.sep))
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    ):
+        raise ConfigError(
+            f"artifacts.experiment_name: {name!r} is not a folder name. It names the run folder "
+            "<output_dir>/<experiment_name>, so it must be one path component: no / or \\, "
+            "not . or .., no control characters (e.g. 'gpt_small_v2'); to put runs elsewhere, "
+            "set artifacts.output_dir."
+        )
+    return name
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) as None: ``metrics.jsonl`` is JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class ArtifactManager:
     """Owns ``<output_dir>/<experiment_name>/``; only the main process writes.
 
-    Files: ``config.yaml`` (the resolved config), ``provenance.json`` (where each value came
-    from), ``metrics.jsonl`` (one JSON object per logged step), ``final_model/``.
+    Files: ``.lock`` (while a run holds the folder: :mod:`~apt.trainops.artifacts.run_lock`),
+    ``config.yaml`` (the resolved config), ``provenance.json`` (where each value came from),
+    ``metrics.jsonl`` (one JSON object per logged step; NaN and inf are written as null),
+    ``final_model/``.
 
     Args:
         cfg: the ``artifacts`` section (or pass ``output_dir``/``experiment_name``).
         is_main: False on every rank but 0: nothing is written.
+
+    Raises:
+        ConfigError: ``experiment_name`` is not a single folder name.
     """
 
     def __init__(
@@ -39,24 +85,110 @@ class ArtifactManager:
     ) -> None:
         cfg = cfg or ArtifactsConfig.model_validate({})
         self.cfg = cfg
-        self.run_dir = Path(output_dir or cfg.output_dir) / (experiment_name or cfg.experiment_name)
+        self.output_dir = Path(output_dir or cfg.output_dir)
+        self.run_dir = self.output_dir / check_folder_name(experiment_name or cfg.experiment_name)
         self.is_main = is_main
         self._metrics_file: Any = None
+        self._lock: RunLock | None = None
+        self._ckpt_lock: RunLock | None = None  # a checkpoint folder outside the run folder
 
     def prepare(self) -> Path:
-        """Create the run folder (idempotent) and return it."""
+        """Create the run folder (idempotent) and return it.
+
+        Raises:
+            RunFolderError: it cannot be created (``output_dir`` is a file, permission denied).
+        """
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise self._unusable(exc) from None
         return self.run_dir
+
+    def lock(self, *, checkpoints: Path | None = None) -> None:
+        """Create the run folder and take its lock, held until :meth:`unlock` (main process;
+        a no-op when held already). Take it before anything else touches the folder.
+
+        Args:
+            checkpoints: the run's checkpoint folder; locked as well when it is outside the
+                run folder, since two runs must not share one either.
+
+        Raises:
+            RunLockedError: another live process holds it (named, with what to do).
+            RunFolderError: a folder cannot be created or written.
+        """
+        if not self.is_main:
+            return
+        self.prepare()
+        self._lock = self._lock or RunLock(self.run_dir)
+        try:
+            self._lock.acquire()
+        except OSError as exc:
+            raise self._unusable(exc) from None
+        if checkpoints is None or is_inside(checkpoints, self.run_dir):
+            return
+        self._ckpt_lock = self._ckpt_lock or RunLock(
+            checkpoints, what="checkpoint folder", key="training.checkpoints.directory"
+        )
+        try:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            self._ckpt_lock.acquire()
+        except BaseException as exc:
+            self.unlock()
+            if isinstance(exc, OSError):
+                raise RunFolderError(
+                    f"training.checkpoints.directory: cannot use {checkpoints.absolute()}: "
+                    f"{exc.strerror} ({exc.filename}). Choose a folder you can write, or leave "
+                    "the key unset for <run folder>/checkpoints."
+                ) from None
+            raise
+
+    def unlock(self) -> None:
+        """Release the locks :meth:`lock` took (each removes its ``.lock``); a no-op when none
+        is held."""
+        for held in (self._ckpt_lock, self._lock):
+            if held is not None:
+                held.release()
+
+    @property
+    def locked(self) -> bool:
+        """This manager holds the run folder's lock."""
+        return self._lock is not None and self._lock.held
+
+    def mark_busy(self, busy: bool) -> None:
+        """Whether the run is training: an idle holder hands its locks to another manager of
+        the same folders in this process; a busy one refuses it."""
+        for held in (self._ckpt_lock, self._lock):
+            if held is not None:
+                held.busy = busy
 
     def archive_existing(self) -> Path | None:
         """Move an existing run folder aside as ``<name>-<YYYYmmdd-HHMMSS>``; return its new
-        path (None when there was nothing to move)."""
+        path (None when there was nothing to move). Only the run folder itself ever moves.
+        When the lock is held, it is held on the new, empty run folder afterwards.
+
+        Raises:
+            RunLockedError: another process took the new run folder in the moment between.
+        """
         if not self.is_main or not self.run_dir.exists():
             return None
+        run = Path(os.path.abspath(self.run_dir))
+        assert run.parent == Path(os.path.abspath(self.output_dir)), (run, self.output_dir)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         target = self.run_dir.with_name(f"{self.run_dir.name}-{stamp}")
+        n = 1
+        while target.exists():  # two new runs within one second
+            n += 1
+            target = self.run_dir.with_name(f"{self.run_dir.name}-{stamp}-{n}")
         self.run_dir.rename(target)
+        old = self._lock
+        if old is not None and old.held:
+            old.follow(target)
+            self._lock = None
+            try:
+                self.lock()
+            finally:
+                old.release()  # removes the archived folder's .lock
         return target
 
     def save_config(self, config: dict[str, Any], provenance: dict[str, str] | None = None) -> None:
@@ -68,14 +200,15 @@ class ArtifactManager:
             self._write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Append one line to ``metrics.jsonl``."""
+        """Append one line to ``metrics.jsonl`` (a NaN or infinite value is written as null,
+        so every line stays strict JSON)."""
         if not self.is_main or not metrics:
             return
         if self._metrics_file is None:
             self.prepare()
             self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        record = {"step": step, "time": round(time.time(), 3), **metrics}
-        self._metrics_file.write(json.dumps(record) + "\n")
+        record = _json_safe({"step": step, "time": round(time.time(), 3), **metrics})
+        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics_file.flush()
 
     # Seed-compatible name.
@@ -94,32 +227,25 @@ class ArtifactManager:
         name: str | Path = "final_model",
         *,
         state_dict: dict[str, torch.Tensor] | None = None,
+        step: int | None = None,
     ) -> Path:
-        """Export ``model`` with ``save_pretrained`` (APT models) or as a safetensors file.
+        """Export ``model`` with ``save_pretrained`` (APT models) or as a safetensors file,
+        all or nothing (:func:`~apt.trainops.artifacts.export.write_model`).
 
         Args:
             model: the (unwrapped) model.
             name: folder inside the run folder, or an absolute/relative path of its own.
             state_dict: weights to write instead of the module's own (gathered from shards).
+            step: the training step exported (named in error messages).
+
+        Raises:
+            ExportError: the files could not be written (disk full, permission denied); the
+                target folder is left as it was.
         """
         target = self.run_dir / name
         if not self.is_main:
             return target
-        target.mkdir(parents=True, exist_ok=True)
-        save_pretrained = getattr(model, "save_pretrained", None)
-        if callable(save_pretrained):
-            if state_dict is None:
-                save_pretrained(target)
-            else:
-                save_pretrained(target, state_dict=state_dict)
-        else:
-            from safetensors.torch import save_file
-
-            state = state_dict if state_dict is not None else model.state_dict()
-            tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
-            save_file(tensors, str(target / "model.safetensors"))
-            apply_umask(target / "model.safetensors")
-        return target
+        return write_model(model, target, state_dict=state_dict, step=step)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every record of ``metrics.jsonl`` (for tests and reports)."""
@@ -139,3 +265,25 @@ class ArtifactManager:
         tmp = self.run_dir / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, self.run_dir / name)
+
+    def _unusable(self, exc: OSError) -> RunFolderError:
+        """The message for a run folder that cannot be created or written, naming the key."""
+        out, run = self.output_dir.absolute(), self.run_dir.absolute()
+        files = [p for p in (run, out, *out.parents) if p.exists() and not p.is_dir()]
+        if files and files[0] == run:
+            return RunFolderError(
+                f"artifacts.experiment_name: {run} is a file, not a run folder. Remove or "
+                "rename it, or choose another artifacts.experiment_name."
+            )
+        if files:
+            where = "is a file" if files[0] == out else f"cannot be created: {files[0]} is a file"
+            return RunFolderError(
+                f"artifacts.output_dir: {out} {where}, not a folder. Set artifacts.output_dir "
+                "to a folder (it is created when missing)."
+            )
+        reason = "permission denied" if isinstance(exc, PermissionError) else exc.strerror
+        return RunFolderError(
+            f"artifacts.output_dir: cannot write the run folder {run}: {reason} "
+            f"({exc.filename or run}). Choose a folder you can write (--set "
+            "artifacts.output_dir=PATH), or fix its permissions."
+        )

@@ -8,26 +8,28 @@
 Format, commit protocol and guarantees: ``docs/checkpoints.md``.
 """
 
-from apt.trainops.checkpoints.errors import CheckpointError, CheckpointSaveError
+from apt.trainops.checkpoints.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+)
 from apt.trainops.checkpoints.fsio import StageFiles
 from apt.trainops.checkpoints.loading import LoadedCheckpoint
 from apt.trainops.checkpoints.manager import CheckpointManager, SaveStats
-from apt.trainops.checkpoints.manifest import (
-    FORMAT_VERSION,
-    VerifiedCheckpoint,
-    verify_checkpoint,
-)
+from apt.trainops.checkpoints.manifest import FORMAT_VERSION, VerifiedCheckpoint
 from apt.trainops.checkpoints.parts import Part, describe_parts
 from apt.trainops.checkpoints.payload import FullStatePayload, GatheredStatePayload, Payload
 from apt.trainops.checkpoints.retention import CheckpointInfo, RetentionPolicy, select_kept
 from apt.trainops.checkpoints.rng import capture_rng_state, restore_rng_state
 from apt.trainops.checkpoints.sharded import ShardedStatePayload
+from apt.trainops.checkpoints.verify import verify_checkpoint
 
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
+    "CheckpointMismatchError",
     "CheckpointSaveError",
     "FullStatePayload",
     "GatheredStatePayload",

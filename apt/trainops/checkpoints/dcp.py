@@ -6,11 +6,13 @@ DCP reshards on load: FSDP x2 resumes in one process or under DDP x4, and the re
 
 Loading never unpickles arbitrary objects: ``.metadata`` is read with an unpickler that accepts
 only DCP's own metadata classes, and non-tensor values (optimizer hyper-parameters) with
-``torch.load(weights_only=True)`` (:mod:`~apt.trainops.checkpoints.safe_dcp`).
+``torch.load(weights_only=True)``; and it opens only regular files inside the DCP folder
+(:mod:`~apt.trainops.checkpoints.safe_dcp`).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from apt.core.errors import CheckpointError, DistributedError
-from apt.trainops.checkpoints.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+from apt.trainops.checkpoints.fsio import lstat_inside
+from apt.trainops.checkpoints.safe_dcp import (
+    SafeFileSystemReader,
+    SafeLoadPlanner,
+    check_storage_sizes,
+    read_dcp_metadata,
+    storage_files,
+)
 from apt.trainops.distributed import Strategy, group_rank, in_process_group
 
 __all__ = [
@@ -86,10 +95,7 @@ def read_dcp_into(
             does not hold the tensors ``state`` asks for.
         DistributedError: a peer failed during the load.
     """
-    if not (folder / ".metadata").is_file():
-        raise CheckpointError(
-            f"rank {group_rank()}: {folder} holds no DCP checkpoint (no .metadata file)."
-        )
+    _require_metadata(folder)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a")
@@ -109,7 +115,7 @@ def read_dcp_into(
         raise
     except dist.DistError as exc:
         raise DistributedError(f"rank {group_rank()}: loading {folder} failed: {exc}") from exc
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise CheckpointError(
             f"rank {group_rank()}: cannot load {folder} into this model/optimizer: "
             f"{str(exc).strip().splitlines()[0][:400]}"
@@ -202,16 +208,56 @@ def read_dcp_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
         CheckpointError: ``folder`` holds no DCP checkpoint, or its metadata is not DCP's.
     """
     folder = Path(folder)
-    if not (folder / ".metadata").is_file():
-        raise CheckpointError(f"{folder} holds no DCP checkpoint (no .metadata file).")
-    metadata = SafeFileSystemReader(folder).read_metadata()
-    state: StateDict = {
-        fqn: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    _require_metadata(folder)
+    metadata = read_dcp_metadata(folder)
+    sizes: dict[str, int | None] = {}
+    for rel in storage_files(metadata):
+        try:
+            sizes[rel] = lstat_inside(folder, rel).st_size
+        except FileNotFoundError:
+            sizes[rel] = None
+    check_storage_sizes(metadata, sizes, folder / ".metadata")
+    tensors = {
+        fqn: meta
         for fqn, meta in metadata.state_dict_metadata.items()
         if isinstance(meta, TensorStorageMetadata)
     }
+    for fqn, meta in tensors.items():
+        dtype = getattr(getattr(meta, "properties", None), "dtype", None)
+        size = getattr(meta, "size", None)
+        if not isinstance(dtype, torch.dtype) or not (
+            isinstance(size, tuple) and all(isinstance(d, int) and d >= 0 for d in size)
+        ):
+            raise CheckpointError(f"{folder / '.metadata'}: tensor {fqn!r}: garbled size/dtype")
+    # Every tensor is stored whole somewhere in the shards: a size the files cannot hold is a
+    # garbled .metadata, refused before it becomes an allocation.
+    claimed = sum(math.prod(m.size) * m.properties.dtype.itemsize for m in tensors.values())
+    stored = sum(size or 0 for size in sizes.values())
+    if claimed > stored:
+        raise CheckpointError(
+            f"{folder / '.metadata'}: describes {claimed} bytes of tensors, but its shard files "
+            f"hold {stored}; the metadata is garbled"
+        )
+    state: StateDict = {
+        fqn: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for fqn, meta in tensors.items()
+    }
     read_dcp_into(state, folder, no_dist=True)
     return state
+
+
+def _require_metadata(folder: Path) -> None:
+    """``folder/.metadata`` is a regular file inside ``folder``.
+
+    Raises:
+        CheckpointError: there is none (no DCP checkpoint), or it is refused (a link, a FIFO).
+    """
+    try:
+        lstat_inside(folder, ".metadata")
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(
+            f"rank {group_rank()}: {folder} holds no DCP checkpoint (no .metadata file)."
+        ) from None
 
 
 def _failures(exc: CheckpointException) -> str:

@@ -1,4 +1,5 @@
-"""The checkpoint errors: a failed save carries what the Trainer needs to stop or go on."""
+"""The checkpoint errors: a failed save carries what the Trainer needs to stop or go on; a
+sound checkpoint that does not fit the objects given is told apart from a corrupt one."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from pathlib import Path
 
 from apt.core.errors import CheckpointError
 
-__all__ = ["CheckpointError", "CheckpointSaveError", "human_bytes", "save_error_from_os"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "CheckpointSaveError",
+    "human_bytes",
+    "save_error_from_os",
+]
 
 
 class CheckpointSaveError(CheckpointError):
@@ -27,6 +34,17 @@ class CheckpointSaveError(CheckpointError):
         self.step = step
         self.path = path
         self.disk_full = disk_full
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint verifies, but what it holds does not fit the objects given to load it
+    into (a part it lacks, a tensor of another name, shape or dtype, an optimizer with other
+    parameter groups).
+
+    ``load_latest`` skips such a checkpoint like a corrupt one only when an older checkpoint
+    does fit (then this one is what is wrong); when none fits it raises this error and moves
+    nothing, since then the objects, not the checkpoints, have changed.
+    """
 
 
 def human_bytes(n: float) -> str:

@@ -19,6 +19,8 @@ Points:
     kill_before_latest: the checkpoint is renamed into place; ``LATEST`` is not updated yet.
     kill_in_async_write: inside the background writer, after its first file.
     enospc_on_write: the first file write raises ``OSError(ENOSPC)``.
+    enospc_on_export: the final model export (:mod:`apt.trainops.artifacts.export`) raises
+        ``OSError(ENOSPC)`` before its first file.
 
 A ``kill_*`` point sends SIGKILL to this process (nothing runs after it, as on a power cut or
 an OOM kill); ``enospc_on_write`` raises as a full disk would.
@@ -41,6 +43,7 @@ POINTS = (
     "kill_before_latest",
     "kill_in_async_write",
     "enospc_on_write",
+    "enospc_on_export",
 )
 
 

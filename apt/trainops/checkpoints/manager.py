@@ -33,16 +33,16 @@ from apt.trainops.checkpoints.loading import (
     LoadedCheckpoint,
     newest_good_checkpoint,
     read_checkpoint,
-    read_trainer_state,
     resolve_checkpoint,
 )
-from apt.trainops.checkpoints.manifest import read_manifest, verify_checkpoint
+from apt.trainops.checkpoints.manifest import read_manifest
 from apt.trainops.checkpoints.parts import describe_parts
 from apt.trainops.checkpoints.payload import FullStatePayload, Payload
 from apt.trainops.checkpoints.retention import CheckpointInfo, RetentionPolicy
 from apt.trainops.checkpoints.rng import capture_rng_state, split_rng_state
 from apt.trainops.checkpoints.tensorio import SnapshotBuffers
 from apt.trainops.checkpoints.transaction import SaveJob, SaveStats, Transaction
+from apt.trainops.checkpoints.verify import verify_checkpoint
 
 __all__ = ["CheckpointManager", "LoadedCheckpoint", "SaveStats"]
 
@@ -155,6 +155,9 @@ class CheckpointManager:
         """Committed checkpoints, oldest commit first (manifests read, files not hashed)."""
         infos = []
         for step, path in committed_dirs(self.save_dir):
+            if path.is_symlink():  # never loaded, so never ranked or deleted through the link
+                log.debug("skipping %s: a symbolic link", path)
+                continue
             try:
                 m = read_manifest(path)
             except CheckpointError as exc:
@@ -341,8 +344,10 @@ class CheckpointManager:
 
         Raises:
             CheckpointError: no such checkpoint, a file that fails verification (named, with
-                expected vs actual size or sha256), a part it does not hold, or state that does
-                not fit the objects.
+                expected vs actual size or sha256, or why it is refused: a symbolic link, not a
+                regular file, a path out of the folder), malformed content (the file and the
+                field), a part it does not hold, or state that does not fit the objects
+                (:class:`~apt.trainops.checkpoints.errors.CheckpointMismatchError`).
         """
         described = describe_parts({**(parts or {}), **named_parts})
         self._finish_quietly()  # retention of a save in flight must not race this read
@@ -368,10 +373,17 @@ class CheckpointManager:
         """Load the newest checkpoint that verifies into the given parts; None when there is
         none.
 
-        A corrupt or partial newer checkpoint is skipped with a warning naming what was wrong
-        and (writer) moved aside as ``.corrupt-step-N``. Collective when a barrier is given.
+        A corrupt, partial, refused or malformed newer checkpoint is skipped with a warning
+        naming what was wrong and (writer) moved aside as ``.corrupt-step-N``; so is one that
+        does not fit the objects when an older one does. Collective when a barrier is given.
         ``before_load(trainer_state, path)`` runs once the checkpoint is verified and before
-        anything is loaded into the objects (the Trainer's config-drift check; it may raise).
+        anything is loaded into the objects (the Trainer's config-drift check); a
+        ``CheckpointError`` it raises rejects that checkpoint as corrupt, anything else
+        propagates.
+
+        Raises:
+            CheckpointMismatchError: checkpoints verify but none fits the objects (nothing is
+                moved).
         """
         described = describe_parts({**(parts or {}), **named_parts})
         self._finish_quietly()  # its barriers must not interleave with this one's
@@ -379,11 +391,11 @@ class CheckpointManager:
             with self._lock:
                 clean_debris(self.save_dir)  # also puts back a folder a crashed re-save moved
         self._barrier()
-        ckpt = newest_good_checkpoint(self.save_dir, quarantine_bad=self.is_writer)
+        ckpt = newest_good_checkpoint(
+            self.save_dir, described, quarantine_bad=self.is_writer, before_load=before_load
+        )
         if ckpt is None:
             return None
-        if before_load is not None:
-            before_load(read_trainer_state(ckpt), ckpt.path)
         return read_checkpoint(
             ckpt,
             self._transaction.payload,

@@ -32,6 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from apt.core.errors import CheckpointError
+from apt.trainops.checkpoints.errors import CheckpointMismatchError
 
 __all__ = [
     "Part",
@@ -184,18 +185,19 @@ def check_loadable(wanted: list[Part], held: dict[str, str], where: str) -> None
     """Every part asked for is in the checkpoint, with the same kind.
 
     Raises:
-        CheckpointError: naming the missing part, what the checkpoint holds, and the fix.
+        CheckpointMismatchError: naming the missing part, what the checkpoint holds, and the
+            fix.
     """
     for part in wanted:
         kind = held.get(part.name)
         if kind is None:
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"{where} holds no {part.name} state: it was saved without a part "
                 f"{part.name!r} (it holds: {', '.join(held) or 'nothing'}). Load without "
                 f"{part.name}= (leave it out of the parts), or from a checkpoint that has it"
             )
         if kind != part.kind:
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"{where}: part {part.name!r} was saved as a {kind}, but a {part.kind} was "
                 "given to load it into"
             )

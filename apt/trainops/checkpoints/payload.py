@@ -32,12 +32,12 @@ from apt.trainops.checkpoints.fsio import StageFiles
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
 from apt.trainops.checkpoints.parts import Part, module_of, part_file
 from apt.trainops.checkpoints.restore import load_parts
+from apt.trainops.checkpoints.safetensors_file import write_safetensors
 from apt.trainops.checkpoints.tensorio import (
     SnapshotBuffers,
     clean_state_names,
     snapshot,
     split_tensors,
-    write_safetensors,
 )
 from apt.trainops.distributed import Strategy, unwrap_model
 

@@ -11,22 +11,21 @@ state keyed by parameter index (``optimizer.state_dict()``) and by parameter nam
 
 from __future__ import annotations
 
-import pickle
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from apt.core.errors import CheckpointError
 from apt.trainops.checkpoints.dcp import load_module_shards, load_optimizer_shards
+from apt.trainops.checkpoints.errors import CheckpointMismatchError
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
-from apt.trainops.checkpoints.parts import Part, module_of, part_file, part_folder
-from apt.trainops.checkpoints.tensorio import clean_name, join_tensors, read_safetensors
+from apt.trainops.checkpoints.parts import Part, check_loadable, module_of, part_file, part_folder
+from apt.trainops.checkpoints.tensorio import clean_name, join_tensors
 from apt.trainops.distributed import Strategy, unwrap_model
 
-__all__ = ["by_index", "by_name", "load_module_state", "load_parts", "read_state"]
+__all__ = ["by_index", "by_name", "check_fits", "load_module_state", "load_parts", "read_state"]
 
 StateDict = dict[str, Any]
 
@@ -37,16 +36,12 @@ def read_state(ckpt: VerifiedCheckpoint, rel: str, what: str, map_location: str)
     Raises:
         CheckpointError: the file is not in the checkpoint or cannot be read.
     """
-    path = ckpt.file(rel)
-    if path is None:
+    if ckpt.file(rel) is None:
         raise CheckpointError(f"{ckpt.path} holds no {what} ({rel}); it was saved without one")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path}: cannot read the {what} ({exc})") from None
-    tensor_path = ckpt.file(rel.removesuffix(".pt") + ".safetensors")
-    if tensor_path is not None:
-        state = join_tensors(state, read_safetensors(tensor_path, map_location)[0])
+    state = ckpt.read_structure(rel, map_location)
+    tensors_rel = rel.removesuffix(".pt") + ".safetensors"
+    if ckpt.file(tensors_rel) is not None:
+        state = join_tensors(state, ckpt.read_tensors(tensors_rel, map_location))
     return state
 
 
@@ -116,6 +111,104 @@ def by_name(state: StateDict, module: nn.Module, optimizer: Optimizer) -> StateD
     return _rekey(state, dict(enumerate(_param_names(module, optimizer))))
 
 
+# ---------------------------------------------------------------------------- fit
+def _listing(items: list[str]) -> str:
+    return f"{items[:5]}{' ...' if len(items) > 5 else ''}"
+
+
+def _module_fits(ckpt: VerifiedCheckpoint, part: Part) -> None:
+    rel = part_file(part.name, "module", ".safetensors")
+    saved = {name: (e.dtype, e.shape) for name, e in ckpt.tensor_entries(rel).items()}
+    own = {
+        clean_name(k): (v.dtype, tuple(v.shape))
+        for k, v in unwrap_model(part.obj).state_dict().items()
+    }
+    missing = sorted(set(own) - set(saved))
+    extra = sorted(set(saved) - set(own))
+    wrong = sorted(
+        f"{k} {saved[k][1]} {saved[k][0]} vs {own[k][1]} {own[k][0]}"
+        for k in set(saved) & set(own)
+        if saved[k] != own[k]
+    )
+    if missing or extra or wrong:
+        raise CheckpointMismatchError(
+            f"{ckpt.path / rel} does not fit the {part.name}: missing {_listing(missing)}, "
+            f"unexpected {_listing(extra)}, other shape or dtype (saved vs given) "
+            f"{_listing(wrong)}. Build the model with the checkpoint's config."
+        )
+
+
+def _optimizer_fits(ckpt: VerifiedCheckpoint, part: Part, parts: list[Part]) -> None:
+    rel = part_file(part.name, "optimizer")
+    state = ckpt.read_structure(rel)
+    groups = state.get("param_groups")
+    if not isinstance(state.get("state"), dict) or not (
+        isinstance(groups, list)
+        and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)
+    ):
+        raise CheckpointError(
+            f"{ckpt.path / rel}: not an optimizer state: 'state' must be a dict and "
+            "'param_groups' a list of groups, each with a 'params' list"
+        )
+    saved = [len(g["params"]) for g in groups]
+    given = [len(g["params"]) for g in part.obj.param_groups]
+    if saved != given:
+        raise CheckpointMismatchError(
+            f"{ckpt.path / rel} does not fit the {part.name}: it has parameter groups of "
+            f"{saved} parameters, the given optimizer {given}"
+        )
+    keys = [k for g in groups for k in g["params"]]
+    indices = all(isinstance(k, int) and not isinstance(k, bool) for k in keys)
+    if keys and all(isinstance(k, str) for k in keys):
+        _names_fit(ckpt.path / rel, part, parts, keys)
+    elif not indices or sorted(keys) != list(range(len(keys))):
+        raise CheckpointError(
+            f"{ckpt.path / rel}: not an optimizer state: its parameters must be the indices "
+            f"0..{len(keys) - 1} or parameter names"
+        )
+    if not set(state["state"]) <= set(keys):
+        raise CheckpointError(
+            f"{ckpt.path / rel}: not an optimizer state: 'state' holds parameters that no "
+            "parameter group lists"
+        )
+
+
+def _names_fit(where: Any, part: Part, parts: list[Part], keys: list[str]) -> None:
+    owner = next((p.obj for p in parts if p.name == part.module), None)
+    if owner is None:
+        return
+    try:
+        names = set(_param_names(owner, part.obj))
+    except KeyError:  # FSDP2 may hold other parameter objects than the module shows
+        return
+    unknown = sorted(set(keys) - names)
+    if unknown:
+        raise CheckpointMismatchError(
+            f"{where} does not fit the {part.name}: it updates parameters {_listing(unknown)} "
+            f"that the {part.module} does not have"
+        )
+
+
+def check_fits(ckpt: VerifiedCheckpoint, parts: list[Part]) -> None:
+    """Check that a verified checkpoint fits ``parts``, before anything is loaded into them.
+
+    Reads only safetensors headers and the small optimizer structures: every part asked for is
+    held, with the same kind; a whole-state module's tensors have the module's names, shapes
+    and dtypes; a whole-state optimizer has the same parameter groups. (DCP folders are checked
+    by DCP as it loads.)
+
+    Raises:
+        CheckpointMismatchError: a part is missing or does not fit (named, with what differs).
+        CheckpointError: an optimizer state that is not one.
+    """
+    check_loadable(parts, ckpt.manifest.saved_parts(), str(ckpt.path))
+    for part in parts:
+        if part.kind == "module" and not _is_dcp(ckpt, part):
+            _module_fits(ckpt, part)
+        elif part.kind == "optimizer" and not _is_dcp(ckpt, part):
+            _optimizer_fits(ckpt, part, parts)
+
+
 # ---------------------------------------------------------------------------- loading
 def _is_dcp(ckpt: VerifiedCheckpoint, part: Part) -> bool:
     return ckpt.file(f"{part_folder(part.name, part.kind)}/.metadata") is not None
@@ -133,10 +226,9 @@ def _need_strategy(strategy: Strategy | None, ckpt: VerifiedCheckpoint) -> Strat
 
 def _read_module(ckpt: VerifiedCheckpoint, name: str, map_location: str) -> StateDict:
     rel = part_file(name, "module", ".safetensors")
-    path = ckpt.file(rel)
-    if path is None:
+    if ckpt.file(rel) is None:
         raise CheckpointError(f"{ckpt.path} holds no {rel}")
-    return read_safetensors(path, device=map_location)[0]
+    return ckpt.read_tensors(rel, map_location)
 
 
 def _load_module(
@@ -207,7 +299,7 @@ def load_parts(
                 _load_module(ckpt, part, strategy, process_group, map_location)
             else:
                 _load_optimizer(ckpt, part, parts, strategy, process_group, map_location)
-        except (RuntimeError, ValueError, KeyError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise CheckpointError(
                 f"{ckpt.path}: the saved {part.name} state does not fit the given {part.name}: "
                 f"{exc}"
@@ -223,7 +315,7 @@ def load_parts(
             )
         try:
             load(state)
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(
                 f"{ckpt.path / rel} does not fit the {part.name}: {exc}"
             ) from None

@@ -21,9 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "join_rng_state", "restore_rng_state", "split_rng_state"]
+__all__ = [
+    "capture_rng_state",
+    "join_rng_state",
+    "restore_rng_state",
+    "rng_json_problem",
+    "rng_tensors_problem",
+    "split_rng_state",
+]
 
 log = logging.getLogger(__name__)
+
+_MT_WORDS = 624  # both python's and numpy's Mersenne Twister
+_WORD = 1 << 32
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -110,3 +120,68 @@ def join_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> d
     if plain.get("cuda_devices"):
         state["cuda"] = [tensors[f"cuda.{i}"] for i in range(plain["cuda_devices"])]
     return state
+
+
+def _int(value: Any, low: int, high: int) -> bool:
+    """``value`` is an int (not a bool) in ``[low, high)``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _words(value: Any, count: int) -> bool:
+    return isinstance(value, list) and len(value) == count and all(_int(w, 0, _WORD) for w in value)
+
+
+def rng_json_problem(plain: Any) -> str | None:
+    """What is wrong with the JSON part of a saved RNG state (the field and why), or None.
+
+    Checked before anything is restored, so a malformed file is reported as such, not as a
+    TypeError from ``random.setstate`` halfway through a resume.
+    """
+    if not isinstance(plain, dict):
+        return f"not a JSON object but a {type(plain).__name__}"
+    python = plain.get("python")
+    if not isinstance(python, list) or len(python) != 3:
+        return "python: not [version, state, gauss_next]"
+    version, internal, gauss = python
+    if not _int(version, 2, 4):
+        return f"python[0]: version {version!r} is not 2 or 3"
+    if not (
+        isinstance(internal, list)
+        and len(internal) == _MT_WORDS + 1
+        and _words(internal[:-1], _MT_WORDS)
+        and _int(internal[-1], 0, _MT_WORDS + 1)
+    ):
+        return f"python[1]: not {_MT_WORDS} 32-bit words and a position"
+    if gauss is not None and not isinstance(gauss, float):
+        return f"python[2]: gauss_next {gauss!r} is not a float or null"
+    numpy = plain.get("numpy")
+    if not isinstance(numpy, dict):
+        return "numpy: missing or not an object"
+    checks = {
+        "kind": numpy.get("kind") == "MT19937",
+        "keys": _words(numpy.get("keys"), _MT_WORDS),
+        "pos": _int(numpy.get("pos"), 0, _MT_WORDS + 1),
+        "has_gauss": _int(numpy.get("has_gauss"), 0, 2),
+        "cached_gaussian": isinstance(numpy.get("cached_gaussian"), (int, float))
+        and not isinstance(numpy.get("cached_gaussian"), bool),
+    }
+    for key, ok in checks.items():
+        if not ok:
+            return f"numpy.{key}: missing or invalid ({str(numpy.get(key))[:40]!r})"
+    if not _int(plain.get("cuda_devices", 0), 0, 1 << 16):
+        return f"cuda_devices: {plain.get('cuda_devices')!r} is not a device count"
+    return None
+
+
+def rng_tensors_problem(
+    tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]], cuda_devices: int
+) -> str | None:
+    """What is wrong with the tensors of a saved RNG state (``{name: (dtype, shape)}``)."""
+    cpu_size = torch.get_rng_state().numel()
+    if tensors.get("torch_cpu") != (torch.uint8, (cpu_size,)):
+        return f"torch_cpu: not a uint8 tensor of {cpu_size} bytes ({tensors.get('torch_cpu')})"
+    for i in range(cuda_devices):
+        got = tensors.get(f"cuda.{i}")
+        if got is None or got[0] != torch.uint8 or len(got[1]) != 1:
+            return f"cuda.{i}: missing or not a uint8 vector ({got})"
+    return None

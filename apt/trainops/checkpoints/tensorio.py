@@ -1,4 +1,4 @@
-"""Tensors in and out of a checkpoint: CPU snapshots, clean names, a streaming safetensors writer.
+"""Tensors in and out of a checkpoint: CPU snapshots, clean names, tensors split from structure.
 
 * :func:`snapshot` copies a nested state (dicts, lists, tensors) to CPU memory. For an async
   save it copies into buffers kept between saves (pinned for CUDA tensors, with non-blocking
@@ -6,56 +6,33 @@
   It also refuses, at save time, any value ``torch.load(weights_only=True)`` would refuse later.
 * :func:`clean_state_names` removes the names wrappers add (``_orig_mod.`` from torch.compile,
   and friends), so a compiled model's checkpoint loads into a plain one and back.
-* :func:`write_safetensors` streams tensors into a safetensors file without building the file in
-  memory; tensors that alias the same memory (tied weights) are written once and recorded as
-  aliases in the metadata, which :func:`read_safetensors` expands again.
+* :func:`split_tensors` / :func:`join_tensors` take the tensors out of a nested state (written
+  to safetensors, :mod:`~apt.trainops.checkpoints.safetensors_file`) and put them back.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from collections import OrderedDict
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from apt.core.errors import CheckpointError
+from apt.trainops.checkpoints.safetensors_file import alias_key
 
 __all__ = [
     "SnapshotBuffers",
     "clean_name",
     "clean_state_names",
     "join_tensors",
-    "read_safetensors",
     "snapshot",
     "split_tensors",
-    "write_safetensors",
+    "tensor_markers",
 ]
 
 # Segments wrappers insert into parameter names: torch.compile, activation checkpointing, FSDP1.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
-_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-
-_ALIASES_KEY = "apt_aliases"
 _TENSOR_MARK = "\x00apt-tensor:"  # a NUL never starts a real state value
 _SAFE_LEAVES = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
@@ -80,10 +57,6 @@ def clean_state_names(state: dict[str, Any]) -> dict[str, Any]:
             raise CheckpointError(f"state names {key!r} and another both clean to {clean!r}")
         out[clean] = value
     return out
-
-
-def _alias_key(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
 
 
 class SnapshotBuffers:
@@ -134,7 +107,7 @@ def snapshot(
                 f"{what} at {_path or '<root>'} is a {type(obj).__name__} (a sharded tensor?); "
                 "the full-state checkpoint format needs plain tensors; use a sharded payload."
             )
-        key = _alias_key(obj)
+        key = alias_key(obj)
         if key not in memo:
             if buffers is not None:
                 memo[key] = buffers.copy(f"{what}/{_path}", obj)
@@ -186,6 +159,17 @@ def split_tensors(obj: Any, _path: str = "") -> tuple[Any, dict[str, torch.Tenso
     return walk(obj, _path), tensors
 
 
+def tensor_markers(skeleton: Any) -> list[str]:
+    """The tensor names a structure of :func:`split_tensors` refers to, in order."""
+    if isinstance(skeleton, str):
+        return [skeleton[len(_TENSOR_MARK) :]] if skeleton.startswith(_TENSOR_MARK) else []
+    if isinstance(skeleton, dict):
+        return [m for value in skeleton.values() for m in tensor_markers(value)]
+    if isinstance(skeleton, (list, tuple)):
+        return [m for value in skeleton for m in tensor_markers(value)]
+    return []
+
+
 def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """Inverse of :func:`split_tensors`."""
     if isinstance(skeleton, str) and skeleton.startswith(_TENSOR_MARK):
@@ -195,57 +179,3 @@ def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if type(skeleton) in (list, tuple):
         return type(skeleton)(join_tensors(v, tensors) for v in skeleton)
     return skeleton
-
-
-def write_safetensors(
-    write: Callable[[Any], Any], tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-) -> None:
-    """Stream ``tensors`` in safetensors format through ``write`` (a file's write method).
-
-    Exact aliases (same memory, shape, stride, dtype: tied weights) are written once; the other
-    names are recorded in the metadata and expanded by :func:`read_safetensors`.
-    """
-    first_name: dict[tuple[Any, ...], str] = {}
-    aliases: dict[str, str] = {}
-    unique: list[tuple[str, torch.Tensor]] = []
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.dtype not in _DTYPES:
-            raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, not storable")
-        key = _alias_key(t)
-        if key in first_name:
-            aliases[name] = first_name[key]
-        else:
-            first_name[key] = name
-            unique.append((name, t))
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, t in unique:
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": _DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    meta = dict(metadata)
-    if aliases:
-        meta[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    header["__metadata__"] = meta
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
-    write(struct.pack("<Q", len(raw)))
-    write(raw)
-    for _, t in unique:
-        if t.numel():
-            write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def read_safetensors(path: Path, device: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a file written by :func:`write_safetensors`: (tensors with aliases expanded, meta)."""
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-    tensors = load_file(str(path), device=device)
-    for alias, source in json.loads(meta.pop(_ALIASES_KEY, "{}")).items():
-        tensors[alias] = tensors[source]
-    return tensors, meta

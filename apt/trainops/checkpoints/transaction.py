@@ -39,7 +39,7 @@ from apt.trainops.checkpoints.layout import (
 from apt.trainops.checkpoints.manifest import write_manifest
 from apt.trainops.checkpoints.payload import Payload
 from apt.trainops.checkpoints.retention import CheckpointInfo, RetentionPolicy, select_kept
-from apt.trainops.checkpoints.tensorio import write_safetensors
+from apt.trainops.checkpoints.safetensors_file import write_safetensors
 
 __all__ = ["SaveJob", "SaveStats", "Transaction"]
 

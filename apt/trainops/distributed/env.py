@@ -19,6 +19,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from apt.core.config.devices import check_device_present
 from apt.core.errors import DistributedError
 
 __all__ = [
@@ -217,6 +218,11 @@ def _rank_device(backend: str, device: str, local_rank: int, rank: int) -> torch
 def _single_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device_present(
+        device,
+        cuda_devices=torch.cuda.device_count(),
+        mps_available=torch.backends.mps.is_available(),
+    )
     return torch.device(device)
 
 

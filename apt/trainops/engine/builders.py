@@ -11,7 +11,9 @@ one of them (most often through its task) and keeps the rest.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Callable, Sized
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from apt.core.config import (
     TrainingConfig,
 )
 from apt.core.errors import ConfigError, DataError
+from apt.trainops.artifacts import RunFolderError, is_inside
 from apt.trainops.checkpoints import (
     CheckpointManager,
     GatheredStatePayload,
@@ -49,8 +52,11 @@ __all__ = [
     "build_callbacks",
     "build_checkpoints",
     "build_loaders",
+    "checkpoint_dir",
     "plan_loop",
 ]
+
+log = logging.getLogger("apt")
 
 
 def build_loaders(
@@ -132,6 +138,8 @@ def plan_loop(cfg: TrainingConfig, evaluation: EvalConfig, *, batches: int | Non
         max_grad_norm=cfg.max_grad_norm,
         eval_interval=evaluation.interval,
         eval_at_start=evaluation.at_start,
+        on_nonfinite=cfg.on_nonfinite,
+        max_skipped_steps=cfg.max_skipped_steps,
     )
 
 
@@ -158,6 +166,28 @@ def build_callbacks(
     return CallbackManager(built + list(extra))
 
 
+def checkpoint_dir(cfg: CheckpointConfig, *, run_dir: Path) -> Path:
+    """Where the run's checkpoints go: ``cfg.directory`` as given (relative to the working
+    directory), or ``<run_dir>/checkpoints`` when it is not set.
+
+    Raises:
+        ConfigError: a relative ``directory`` that climbs out of the working directory with
+            ``..``: where it lands depends on where the command is started, so it is refused;
+            an absolute path says the same thing unambiguously.
+    """
+    if not cfg.directory:
+        return run_dir / "checkpoints"
+    given = Path(cfg.directory)
+    if not given.is_absolute() and Path(os.path.normpath(given)).parts[:1] == ("..",):
+        raise ConfigError(
+            f"training.checkpoints.directory: {cfg.directory!r} climbs out of the working "
+            f"directory (it would be {Path(os.path.abspath(given))}). A relative directory is "
+            "relative to the working directory and may not leave it; give an absolute path to "
+            "write checkpoints there, or leave it unset for <run folder>/checkpoints."
+        )
+    return given
+
+
 def build_checkpoints(
     cfg: CheckpointConfig,
     *,
@@ -171,28 +201,43 @@ def build_checkpoints(
     allow_config_change: bool,
     export_final: Callable[[], None] | None,
 ) -> RunCheckpoints:
-    """The run's checkpoints: a :class:`CheckpointManager` that owns ``cfg`` (into ``cfg.directory``
-    as given, relative to the working directory, or ``<run_dir>/checkpoints``), each rank
-    writing its shard under a sharded strategy, and the run's save/resume around it.
+    """The run's checkpoints: a :class:`CheckpointManager` that owns ``cfg`` (into
+    :func:`checkpoint_dir`: ``cfg.directory`` as given, relative to the working directory, or
+    ``<run_dir>/checkpoints``), each rank writing its shard under a sharded strategy, and the
+    run's save/resume around it. A folder outside the run folder is logged (rank 0).
 
     ``side`` is a gloo channel of every rank (None in one process): the async writer thread and
     DCP coordinate on it, never on the training group.
+
+    Raises:
+        ConfigError: a relative ``cfg.directory`` that climbs out of the working directory.
+        RunFolderError: the checkpoint folder cannot be created.
     """
+    save_dir = checkpoint_dir(cfg, run_dir=run_dir)
+    if env.is_main and not is_inside(save_dir, run_dir):
+        log.info("checkpoints: %s (outside the run folder)", Path(os.path.abspath(save_dir)))
     payload: Payload = (
         ShardedStatePayload(strategy, side.group if side else None)
         if strategy.sharded
         else GatheredStatePayload(strategy)
     )
-    manager = CheckpointManager(
-        cfg,
-        save_dir=Path(cfg.directory) if cfg.directory else run_dir / "checkpoints",
-        is_writer=env.is_main,
-        barrier=side.barrier if side else None,
-        agree=side.agree if side else None,
-        rank=env.rank,
-        world_size=env.world_size,
-        payload=payload,
-    )
+    try:
+        manager = CheckpointManager(
+            cfg,
+            save_dir=save_dir,
+            is_writer=env.is_main,
+            barrier=side.barrier if side else None,
+            agree=side.agree if side else None,
+            rank=env.rank,
+            world_size=env.world_size,
+            payload=payload,
+        )
+    except OSError as exc:  # the writer creates the folder
+        raise RunFolderError(
+            f"training.checkpoints.directory: cannot create the checkpoint folder "
+            f"{Path(os.path.abspath(save_dir))}: {exc.strerror} ({exc.filename}). Choose a "
+            "folder you can write, or leave the key unset for <run folder>/checkpoints."
+        ) from None
     return RunCheckpoints(
         manager,
         bundle=bundle,

@@ -90,6 +90,62 @@ def _as_current_schema(saved: dict[str, Any]) -> dict[str, Any]:
         return saved
 
 
+_COUNTERS = ("epoch", "global_step", "batch_in_epoch", "micro_batch", "tokens_seen")
+_FLAGS = ("finished", "pending_eval")
+
+
+def check_trainer_state(saved: Any, path: Path) -> None:
+    """Refuse a ``trainer_state`` whose hashes verify but whose content the resume cannot use
+    (a list, a string step, a missing counter): the checkpoint is corrupt, and loading falls
+    back to the previous one.
+
+    Raises:
+        CheckpointError: naming the file and the field.
+    """
+    where = f"{path / 'trainer_state.json'}"
+
+    def bad(field: str, problem: str) -> CheckpointError:
+        return CheckpointError(f"{where}: {field} {problem}; the checkpoint is corrupt")
+
+    if not isinstance(saved, dict):
+        raise bad("the document", f"is a {type(saved).__name__}, not an object")
+    train = saved.get("train")
+    if not isinstance(train, dict):
+        raise bad("'train'", "is missing or not an object")
+    unknown = sorted(set(train) - set(TrainState.__dataclass_fields__))
+    if unknown:
+        raise bad("'train'", f"holds unknown fields {unknown}")
+    for name in _COUNTERS:
+        value = train.get(name)
+        if type(value) is not int or value < 0:
+            raise bad(f"train.{name}", f"is {value!r}, not a whole number >= 0")
+    for name in ("skipped_steps", "nonfinite_streak"):  # added in 2.0.0a1: optional
+        value = train.get(name, 0)
+        if type(value) is not int or value < 0:
+            raise bad(f"train.{name}", f"is {value!r}, not a whole number >= 0")
+    for name in _FLAGS:
+        if type(train.get(name, False)) is not bool:
+            raise bad(f"train.{name}", f"is {train.get(name)!r}, not true or false")
+    for name in ("last_loss", "lr", "grad_norm"):
+        if train.get(name) is not None and type(train[name]) not in (int, float):
+            raise bad(f"train.{name}", f"is {train[name]!r}, not a number")
+    metrics = train.get("metrics", {})
+    if not isinstance(metrics, dict) or any(
+        not isinstance(k, str) or (v is not None and type(v) not in (int, float))
+        for k, v in metrics.items()
+    ):
+        raise bad("train.metrics", "is not an object of numbers")
+    if not isinstance(train.get("stop_reason", ""), str):
+        raise bad("train.stop_reason", "is not text")
+    if not isinstance(saved.get("callbacks", {}), dict):
+        raise bad("'callbacks'", "is not an object")
+    if not isinstance(saved.get("config", {}), dict):
+        raise bad("'config'", "is not an object")
+    world = saved.get("world_size", 1)
+    if type(world) is not int or world < 1:
+        raise bad("world_size", f"is {world!r}, not a whole number >= 1")
+
+
 def _warn_on_other_threads(saved: Any) -> None:
     """CPU kernels split their reductions by thread: another count changes the last bits."""
     now = torch.get_num_threads()
@@ -232,6 +288,7 @@ class RunCheckpoints:
         restored.batch_in_epoch = consumed // per_micro
 
     def _check_drift(self, saved: dict[str, Any], path: Path) -> None:
+        check_trainer_state(saved, path)
         critical, benign = config_drift(
             _as_current_schema(saved.get("config", {})), self.record.config
         )

@@ -21,6 +21,8 @@ KEYWORDS = {
     "batch_size": "training.batch_size",
     "gradient_accumulation_steps": "training.gradient_accumulation_steps",
     "max_grad_norm": "training.max_grad_norm",
+    "on_nonfinite": "training.on_nonfinite",
+    "max_skipped_steps": "training.max_skipped_steps",
     "precision": "training.precision",
     "device": "training.device",
     "seed": "training.seed",

@@ -10,11 +10,12 @@ from typing import Any, Protocol
 
 import torch
 
-from apt.core.errors import DataError
+from apt.core.errors import DataError, TrainingDiverged
 from apt.trainops.distributed import RankSums, Strategy
 from apt.trainops.engine.bundle import TrainingBundle
 from apt.trainops.engine.callbacks.base import CallbackManager
 from apt.trainops.engine.events import Event
+from apt.trainops.engine.nonfinite import NonFiniteGuard, Policy
 from apt.trainops.engine.state import Control, RunState, TrainState
 from apt.trainops.engine.tasks.base import TrainingTask
 from apt.trainops.eval import Evaluator, to_device
@@ -36,6 +37,8 @@ class LoopPlan:
     max_grad_norm: float | None
     eval_interval: int | None
     eval_at_start: bool
+    on_nonfinite: Policy = "stop"
+    max_skipped_steps: int = 10
 
 
 class SavePoints(Protocol):
@@ -53,6 +56,10 @@ class SavePoints(Protocol):
 
     def poll(self) -> None:
         """Report an async save that finished since (never blocks)."""
+        ...
+
+    def finish(self) -> None:
+        """Wait for the save in flight and report it."""
         ...
 
 
@@ -114,6 +121,12 @@ class TrainingLoop:
             num_epochs=plan.num_epochs,
         )
         self._last_eval_step: int | None = None
+        self.guard = NonFiniteGuard(
+            plan.on_nonfinite,
+            max_skipped_steps=plan.max_skipped_steps,
+            sums=sums,
+            check_grad_norm=not self.scaler.is_enabled(),
+        )
 
     def request_exit(self, signum: int) -> None:
         """Ask the loop to save at the next step boundary and return (signal handlers)."""
@@ -135,6 +148,10 @@ class TrainingLoop:
                 self._run_epoch()
             if not self.exit_requested or self.state.finished:
                 self._finish()  # an exit request in the last step still ends the run
+        except TrainingDiverged:
+            self.checkpoints.finish()  # a save in flight holds a finite state: let it commit
+            self.fire(Event.EXCEPTION)
+            raise
         except BaseException:
             self.fire(Event.EXCEPTION)
             raise
@@ -234,13 +251,14 @@ class TrainingLoop:
             state.batch_in_epoch += 1
             state.micro_batch += 1
             self.fire(Event.BATCH_END)
-        self._optimizer_step()
-        state.global_step += 1
-        state.tokens_seen += int(global_count)
         # The loss stays on the device (read only when someone looks); whether any rank got
         # SIGTERM/SIGINT is summed on the host, so every rank agrees to stop at the end of this
         # very step without waiting for the device.
         state.last_loss = self.sums.device(loss_sum) / global_count
+        self._optimizer_step(state.last_loss)
+        state.global_step += 1
+        state.tokens_seen += int(global_count)
+        self.guard.observe(state.global_step, state.last_loss, state.grad_norm)
         self.exit_requested = self.exit_requested or self._exit_agreed()
         state.lr = float(self.optimizer.param_groups[0]["lr"])
         self.fire(Event.STEP_END)
@@ -254,17 +272,21 @@ class TrainingLoop:
                 f"{self.state.batch_in_epoch}: its length changed during the epoch"
             ) from None
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
         self.scaler.unscale_(self.optimizer)
+        norm = None
         if self.plan.max_grad_norm is not None:
             norm = self.strategy.clip_grad_norm_(self.model, self.plan.max_grad_norm)
             self.state.grad_norm = norm
-        self.fire(Event.BEFORE_OPTIMIZER_STEP)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.fire(Event.AFTER_OPTIMIZER_STEP)
+        if self.guard.skip_update(self.state, loss, norm):
+            self.scaler.update()  # a skipped step is still a step of the scaler's bookkeeping
+        else:
+            self.fire(Event.BEFORE_OPTIMIZER_STEP)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.fire(Event.AFTER_OPTIMIZER_STEP)
         self.optimizer.zero_grad(set_to_none=True)
-        self.bundle.lr_scheduler.step()
+        self.bundle.lr_scheduler.step()  # the schedule follows the step count, skipped or not
 
     def _exit_agreed(self) -> bool:
         """Whether any rank received SIGTERM/SIGINT (one tiny host collective when
@@ -272,6 +294,7 @@ class TrainingLoop:
         return self.sums.host(float(self._local_exit)) > 0
 
     def _save(self, reason: str) -> None:
+        self.guard.check(self.model, before=f"checkpoint of step {self.state.global_step}")
         self.checkpoints.save(self.state, reason, on_saved=lambda: self.fire(Event.CHECKPOINT_SAVE))
 
     # ----------------------------------------------------------------------------- control
@@ -313,6 +336,7 @@ class TrainingLoop:
         exit request abandoned it (no eval_end then; a resumed run evaluates again)."""
         if self.evaluator is None:
             return {}
+        self.guard.check(self.model, before=f"evaluation at step {self.state.global_step}")
         self.fire(Event.EVAL_START)
         metrics = self.evaluator.evaluate(stop=self._stop_evaluating)
         if metrics is None:

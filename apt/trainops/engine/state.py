@@ -29,6 +29,8 @@ class TrainState:
         stop_reason: why a callback stopped the run early ("" when it ran its course).
         pending_eval: an exit request abandoned the evaluation due at this step; a resumed
             run evaluates first, so it sees what an uninterrupted run saw.
+        skipped_steps: updates skipped for a non-finite loss (``on_nonfinite: skip_step``).
+        nonfinite_streak: non-finite steps in a row, up to the latest one.
     """
 
     epoch: int = 0
@@ -45,6 +47,8 @@ class TrainState:
     finished: bool = False
     stop_reason: str = ""
     pending_eval: bool = False
+    skipped_steps: int = 0
+    nonfinite_streak: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible copy."""
@@ -61,6 +65,8 @@ class TrainState:
             "finished": self.finished,
             "stop_reason": self.stop_reason,
             "pending_eval": self.pending_eval,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_streak": self.nonfinite_streak,
         }
 
     @classmethod

@@ -13,9 +13,10 @@ from torch.utils.data import Dataset
 
 from apt.core.config import APTConfig, TrainingConfig
 from apt.core.cpus import default_cpu_threads
-from apt.core.errors import ConfigError
+from apt.core.errors import CheckpointError, ConfigError
 from apt.core.logs import install_console_logging
-from apt.trainops.artifacts import ArtifactManager
+from apt.trainops.artifacts import ArtifactManager, ExportError, RunFolderError, is_inside
+from apt.trainops.checkpoints.layout import committed_dirs
 from apt.trainops.distributed import (
     RankSums,
     SideChannel,
@@ -27,6 +28,7 @@ from apt.trainops.engine.builders import (
     build_callbacks,
     build_checkpoints,
     build_loaders,
+    checkpoint_dir,
     plan_loop,
 )
 from apt.trainops.engine.bundle import TrainingBundle
@@ -57,6 +59,8 @@ class TrainResult:
         finished: the run reached its planned end (False after an exit request).
         exit_signal: the signal (SIGTERM, SIGINT) that ended the run early, if any.
         steps_run: optimizer steps this call trained (0 for a run that was complete already).
+        export_error: why the final model was not exported, when its export failed under
+            ``training.checkpoints.on_save_error: continue`` (None otherwise).
     """
 
     global_step: int
@@ -65,6 +69,7 @@ class TrainResult:
     finished: bool = True
     exit_signal: int | None = None
     steps_run: int = 0
+    export_error: str | None = None
 
 
 #: Models from this size up are meant for accelerators: on a CPU they take minutes per step.
@@ -178,7 +183,42 @@ class Trainer:
         self.task: TrainingTask = task_obj or build_task(tcfg.task)
         self.artifacts = ArtifactManager(cfg.artifacts, is_main=env.is_main)
         self.run_dir = self.artifacts.run_dir
+        self._checkpoint_dir = checkpoint_dir(tcfg.checkpoints, run_dir=self.run_dir)
+        self._claimed = False  # the same on every rank: whether train() must claim again
+        self.export_error: str | None = None
+        # Before the model is built (a refused second process must not take device memory the
+        # running one needs) and before anything reads or writes the run folder.
+        self._claim_run_folder(new_run=new_run)
+        try:
+            self._assemble(
+                model,
+                train_dataloader=train_dataloader,
+                eval_dataloader=eval_dataloader,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                callbacks=callbacks,
+                allow_config_change=allow_config_change,
+                new_run=new_run,
+            )
+        except BaseException:
+            self.artifacts.unlock()
+            raise
 
+    def _assemble(
+        self,
+        model: nn.Module | None,
+        *,
+        train_dataloader: Any,
+        eval_dataloader: Any,
+        train_dataset: Dataset[Any] | None,
+        eval_dataset: Dataset[Any] | None,
+        callbacks: list[Callback] | None,
+        allow_config_change: bool,
+        new_run: bool,
+    ) -> None:
+        """Build the model, strategy, loaders, optimizer, callbacks and checkpoints of the run
+        (the run folder is held already)."""
+        cfg, tcfg, env = self.config, self.config.training, self.env
         raw_model = model if model is not None else self.task.build_model(cfg.model)
         _warn_if_made_for_gpus(tcfg, raw_model, env.device)
         self.strategy = build_strategy(tcfg.distributed, env=env, precision=tcfg.precision)
@@ -240,6 +280,50 @@ class Trainer:
             export_final=self._export_final if cfg.artifacts.save_final_model else None,
         )
 
+    def _claim_run_folder(self, *, new_run: bool) -> None:
+        """Lock the run folder (and a checkpoint folder outside it) on rank 0, for the run.
+
+        Every rank learns rank 0's outcome, so a refusal ends the whole job with rank 0's
+        error and exit code (2 for a folder in use) instead of leaving the others waiting at
+        the next collective. Also refuses ``--new-run`` when checkpoints outside the run
+        folder would be resumed: only the run folder itself is ever moved aside.
+        """
+        error: BaseException | None = None
+        if self.env.is_main:
+            try:
+                self.artifacts.lock(checkpoints=self._checkpoint_dir)
+                outside = not is_inside(self._checkpoint_dir, self.run_dir)
+                if new_run and outside and committed_dirs(self._checkpoint_dir):
+                    self.artifacts.unlock()
+                    raise RunFolderError(
+                        f"--new-run moves only the run folder aside, and the checkpoints in "
+                        f"{self._checkpoint_dir} (training.checkpoints.directory, outside the run "
+                        "folder) would be resumed. Move them away, or set another "
+                        "training.checkpoints.directory."
+                    )
+            except Exception as exc:
+                error = exc
+        if self.env.world_size > 1:
+            import torch.distributed as dist
+
+            outcome = [None if error is None else (str(error), getattr(error, "exit_code", 1))]
+            with distributed_errors(f"taking the run folder (rank {self.env.rank})"):
+                dist.broadcast_object_list(outcome, src=0)
+            if outcome[0] is not None and not self.env.is_main:
+                message, code = outcome[0]
+                error = RunFolderError(f"rank {self.env.rank}: rank 0 stopped the run: {message}")
+                error.exit_code = code
+        if error is not None:
+            raise error
+        self._claimed = True
+
+    def close(self) -> None:
+        """Release the run folder for other runs (``train()`` does at its end); a later
+        ``train()`` takes it again."""
+        self.artifacts.close()
+        self.artifacts.unlock()
+        self._claimed = False
+
     @classmethod
     def from_config(
         cls, config: APTConfig, *, callbacks: list[Callback] | None = None, **kwargs: Any
@@ -267,16 +351,44 @@ class Trainer:
         )
 
     def _export_final(self) -> None:
-        self.export_model("final_model")
+        """Write ``final_model/`` under ``training.checkpoints.on_save_error``, as a checkpoint
+        save: ``stop`` ends the run (before the final checkpoint, so the same command trains
+        the last steps again and exports); ``continue`` warns and the run ends without it."""
+        error: str | None = None
+        try:
+            self.export_model("final_model", step=self.state.global_step)
+        except ExportError as exc:
+            error = str(exc)
+        if self.env.world_size > 1 and self.sums.host(float(error is not None)) and not error:
+            error = f"rank {self.env.rank}: the final model export failed on rank 0"
+        if error is None:
+            return
+        if self.config.training.checkpoints.on_save_error == "stop":
+            raise CheckpointError(
+                f"{error}\nThe run stops (training.checkpoints.on_save_error: stop) before its "
+                "final checkpoint; the same command resumes from the newest checkpoint, trains "
+                "the last steps again and exports the model."
+            )
+        log.warning(
+            "%s\nThe run ends without final_model (training.checkpoints.on_save_error: "
+            "continue); the final checkpoint, if it saves, holds the trained weights.",
+            error,
+        )
+        self.export_error = error
 
-    def export_model(self, directory: str | Path) -> Path:
+    def export_model(self, directory: str | Path, *, step: int | None = None) -> Path:
         """Write the trained model (``save_pretrained`` format for APT models) into
-        ``directory`` (relative paths are inside the run folder). Collective when sharded."""
+        ``directory`` (relative paths are inside the run folder). Collective when sharded.
+
+        Raises:
+            ExportError: the files could not be written (disk full, permission denied);
+                ``directory`` is left as it was.
+        """
         state = None
         if self.strategy.sharded:
             state, _ = self.strategy.full_state_dict(self.model, None)  # gathered on rank 0
         return self.artifacts.save_model(
-            self.strategy.unwrap(self.model), directory, state_dict=state
+            self.strategy.unwrap(self.model), directory, state_dict=state, step=step
         )
 
     def _resume(self, loop: TrainingLoop) -> bool:
@@ -304,8 +416,14 @@ class Trainer:
 
     def train(self) -> TrainResult:
         """Run training to the end (resuming from the run folder's newest checkpoint when
-        ``training.auto_resume``) and return the result."""
-        self.artifacts.prepare()
+        ``training.auto_resume``) and return the result. The run folder is held for the
+        run (rank 0: taken by the constructor, again here after an earlier ``train()``) and
+        released at its end, also when it fails or is stopped."""
+        handed_over = self.env.world_size == 1 and not self.artifacts.locked
+        if not self._claimed or handed_over:  # handed over: to a later Trainer of the folder
+            self._claim_run_folder(new_run=False)
+        self.artifacts.mark_busy(True)
+        self.export_error = None
         loop = TrainingLoop(
             self.plan,
             self.bundle,
@@ -332,7 +450,13 @@ class Trainer:
                         loop.run()
                 self.checkpoints.finish()
         finally:
+            self.artifacts.mark_busy(False)
             self.artifacts.close()
+            self._claimed = False
+            if not self.checkpoints.manager.busy:
+                # A save still being written (an error ended the run) keeps the folder until
+                # this process ends: no other run may clean up its stage meanwhile.
+                self.artifacts.unlock()
         metrics = dict(self.state.metrics)
         metrics["train_loss"] = float(self.state.last_loss)
         return TrainResult(
@@ -342,6 +466,7 @@ class Trainer:
             finished=self.state.finished,
             exit_signal=loop.exit_signal,
             steps_run=self.state.global_step - first_step,
+            export_error=self.export_error,
         )
 
 

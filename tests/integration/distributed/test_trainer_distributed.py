@@ -474,3 +474,25 @@ def test_save_error_with_continue_goes_on_on_every_rank(work: Path, ddp: tr.Fini
     assert kept == ["step-000000005", "step-000000015", "step-000000020"]
     got, ref = tr.final_weights(run_dir), tr.final_weights(work / "runs" / "ddp")
     assert tr.bitwise_equal(got, ref), tr.max_rel_diff(got, ref)
+
+
+# ---- 7. a divergence that starts on one rank -------------------------------------------------
+# Rank 0's weights turn NaN after step 7; the losses are summed over the ranks, so both ranks
+# see the non-finite loss of step 8 and stop together with exit 3 (neither waits for the other),
+# before the checkpoint of step 10: step 5 stays LATEST and the same command (without the
+# fault) ends equal to the uninterrupted DDP run.
+def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_finite_checkpoint(
+    work: Path, ddp: tr.Finished
+) -> None:
+    name = "nan-rank0"
+    nodes = _two_nodes(work, name, tr.FAULT_HOOK, APT_TEST_FAULT="nan:0@7")
+    for node in nodes:
+        out = node.output[-6000:]
+        assert node.returncode == 3, out
+        assert "step 8: the training loss is nan" in out, out
+        assert "stopped answering" not in out, out
+    assert tr.latest(work / "runs" / name) == "step-000000005"
+    for node in _two_nodes(work, name, tr.FAULT_HOOK):
+        node.check()
+    got, ref = tr.final_weights(work / "runs" / name), tr.final_weights(work / "runs" / "ddp")
+    assert tr.bitwise_equal(got, ref), tr.max_rel_diff(got, ref)

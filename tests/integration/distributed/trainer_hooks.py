@@ -10,6 +10,8 @@ installs them in every rank. They touch nothing in ``apt/``:
       APT_TEST_FAULT=hang:1@3     rank 1 sleeps for an hour after step 3 (a hung peer)
       APT_TEST_FAULT=pause:0@12   rank 0 sleeps after step 12, once its marker file is written,
                                   so that the test kills the job at a known step
+      APT_TEST_FAULT=nan:0@3      rank 0 fills its weights with NaN after step 3 (a divergence
+                                  that starts on one rank)
 
   ``APT_TEST_FAULT_MARKER`` names the file written (with the step) just before sleeping or dying.
   A fault fires in torchrun's first attempt only: after an elastic restart
@@ -38,7 +40,7 @@ __all__ = ["FaultHook", "LoadedWeights", "parse_fault"]
 
 FAULT_ENV = "APT_TEST_FAULT"
 MARKER_ENV = "APT_TEST_FAULT_MARKER"
-ACTIONS = ("die", "hang", "pause")
+ACTIONS = ("die", "hang", "pause", "nan")
 
 
 def parse_fault(spec: str) -> tuple[str, int, int] | None:
@@ -52,7 +54,7 @@ def parse_fault(spec: str) -> tuple[str, int, int] | None:
     action, _, rest = spec.partition(":")
     rank, _, step = rest.partition("@")
     if action not in ACTIONS or not rank.isdigit() or not step.isdigit():
-        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <die|hang|pause>:<rank>@<step>")
+        raise ValueError(f"{FAULT_ENV}={spec!r}: expected <die|hang|pause|nan>:<rank>@<step>")
     return action, int(rank), int(step)
 
 
@@ -72,6 +74,11 @@ class FaultHook(Callback):
         print(f"FAULT-HOOK rank {rank}: {action} after step {step}", file=sys.stderr, flush=True)
         if self.marker:
             Path(self.marker).write_text(f"{action} {step}\n")
+        if action == "nan":
+            with torch.no_grad():
+                for param in state.model.parameters():
+                    param.fill_(float("nan"))
+            return
         if action == "die":
             os._exit(1)  # no cleanup, no goodbye to the peers: a crash
         time.sleep(3600)  # hang / pause: only a timeout or the test's kill ends this

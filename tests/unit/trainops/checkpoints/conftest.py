@@ -95,3 +95,28 @@ def payload_bytes(ckpt: Path) -> dict[str, bytes]:
 @pytest.fixture
 def read_payload():
     return payload_bytes
+
+
+def resign_manifest(ckpt: Path, edit=None) -> dict:
+    """Re-hash every listed file of ``ckpt`` (after ``edit(manifest)``), as a tamperer would, so
+    the manifest verifies and only the content can be wrong. Returns the new manifest."""
+    import hashlib
+    import json
+
+    manifest = ckpt / "MANIFEST.json"
+    doc = json.loads(manifest.read_text())
+    if edit is not None:
+        edit(doc)
+    for rel, record in doc["files"].items():
+        path = ckpt / rel
+        if path.is_file():  # follows links
+            data = path.read_bytes()
+            record.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest.write_text(json.dumps(doc))
+    return doc
+
+
+@pytest.fixture
+def resign():
+    """``resign(ckpt_folder, edit=None)``: see :func:`resign_manifest`."""
+    return resign_manifest

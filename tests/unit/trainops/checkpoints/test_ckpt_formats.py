@@ -10,13 +10,8 @@ from safetensors.torch import load_file
 
 from apt.core.errors import CheckpointError
 from apt.trainops.checkpoints.faults import fault_armed
-from apt.trainops.checkpoints.tensorio import (
-    SnapshotBuffers,
-    clean_state_names,
-    read_safetensors,
-    snapshot,
-    write_safetensors,
-)
+from apt.trainops.checkpoints.safetensors_file import read_safetensors, write_safetensors
+from apt.trainops.checkpoints.tensorio import SnapshotBuffers, clean_state_names, snapshot
 
 
 def _write(path, tensors, meta=None):
