@@ -9,34 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.data import Dataset
+from tiny_lm import BigramLM, PatternText
 
 from apt.core.errors import TrainingDiverged
 from apt.trainops.checkpoints import CheckpointManager
 from apt.trainops.engine import Callback, Control, RunState, Trainer
-
-
-class BigramLM(nn.Module):
-    def __init__(self, vocab: int = 32) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, 16)
-        self.proj = nn.Linear(16, vocab)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(torch.tanh(self.emb(input_ids)))  # (B, T, V)
-
-
-class PatternText(Dataset[dict[str, torch.Tensor]]):
-    def __init__(self, n: int = 64, seq: int = 12, vocab: int = 32) -> None:
-        starts = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))
-        self.ids = (starts[:, None] + 3 * torch.arange(seq)[None, :]) % vocab
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i]}
 
 
 class PoisonWeights(Callback):
@@ -82,7 +59,7 @@ def make(tmp_path: Path, name: str = "run", **kwargs: Any) -> Trainer:
     }
     return Trainer(
         model=BigramLM(),
-        train_dataset=PatternText(),
+        train_dataset=PatternText(padded=False),
         output_dir=str(tmp_path),
         experiment_name=name,
         **options,
@@ -195,7 +172,7 @@ def test_continue_trains_on_and_keeps_metrics_json_valid(tmp_path: Path) -> None
         tmp_path,
         on_nonfinite="continue",
         max_steps=10,  # monitoring.log_interval
-        eval_dataset=PatternText(n=16),
+        eval_dataset=PatternText(n=16, padded=False),
         callbacks=[PoisonWeights(2)],
     )
     result = trainer.train()

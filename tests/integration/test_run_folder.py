@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
+from tiny_lm import BigramLM
 from torch import nn
 
 from apt.core.config import ArtifactsConfig, config_from_dict
@@ -58,16 +59,6 @@ def strict_json(line: str) -> dict[str, object]:
     return record
 
 
-class Bigram(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(32, 16)
-        self.proj = nn.Linear(16, 32)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.emb(input_ids))  # (B, T, V)
-
-
 def data(n: int = 32) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": (torch.arange(12) + i) % 32} for i in range(n)]
 
@@ -82,7 +73,7 @@ def trainer(tmp_path: Path, **kwargs: object) -> Trainer:
         "experiment_name": "lib",
         **kwargs,
     }
-    return Trainer(model=Bigram(), train_dataset=data(), **options)  # type: ignore[arg-type]
+    return Trainer(model=BigramLM(squash=False), train_dataset=data(), **options)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------ the run folder is one folder
@@ -298,7 +289,7 @@ def test_the_library_applies_the_same_policy(
     settings["artifacts"]["experiment_name"] = "lib"
     cfg = config_from_dict(settings, source="test")
     with caplog.at_level("WARNING", logger="apt"):
-        result = Trainer(model=Bigram(), train_dataset=data(), config=cfg).train()
+        result = Trainer(model=BigramLM(squash=False), train_dataset=data(), config=cfg).train()
     assert result.finished and result.global_step == 4
     assert result.export_error is not None and "disk full" in result.export_error
     assert "The run ends without final_model" in caplog.text

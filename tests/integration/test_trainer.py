@@ -6,41 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_lm import BigramLM, PatternText
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from apt.core.errors import ConfigError, DataError
 from apt.trainops.engine import Callback, Control, Finetuner, RunState, Trainer
-
-
-class BigramLM(nn.Module):
-    """A real (tiny) language model that returns logits, like most user models."""
-
-    def __init__(self, vocab: int = 32) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, 16)
-        self.proj = nn.Linear(16, vocab)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(torch.tanh(self.emb(input_ids)))  # (B, T, V)
-
-
-class PatternText(Dataset[dict[str, torch.Tensor]]):
-    """Sequences following a fixed bigram pattern, with padding of varying length."""
-
-    def __init__(self, n: int = 64, seq: int = 12, vocab: int = 32, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        starts = torch.randint(0, vocab, (n,), generator=gen)
-        steps = torch.arange(seq)
-        self.ids = (starts[:, None] + 3 * steps[None, :]) % vocab
-        lengths = torch.randint(4, seq + 1, (n,), generator=gen)
-        self.mask = (steps[None, :] < lengths[:, None]).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
 
 
 def train(tmp_path: Path, name: str, **kwargs: object) -> tuple[Trainer, object]:
@@ -100,6 +71,17 @@ def test_tuple_batches_and_explicit_loaders(tmp_path: Path) -> None:
     )
     result = trainer.train()
     assert result.global_step == 5 and result.metrics["train_loss"] < 3.5
+
+
+def test_a_model_and_a_dataset_alone_train_one_epoch(in_tmp: Path) -> None:
+    """No config and no other keyword: every section has its default (one epoch)."""
+    torch.manual_seed(0)
+    trainer = Trainer(model=BigramLM(), train_dataset=PatternText(n=32))
+    result = trainer.train()
+    assert trainer.config.training.num_epochs == 1 and trainer.config.training.max_steps is None
+    assert result.global_step == 32 // trainer.config.training.batch_size
+    assert result.run_dir == Path("runs") / "default"
+    trainer.close()
 
 
 def test_unknown_keyword_is_a_clear_error() -> None:

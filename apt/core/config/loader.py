@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from apt.core.config.legacy import LEGACY_FIELDS, translate_legacy
 from apt.core.config.plugins import PluginSpec
 from apt.core.config.root import APTConfig
 from apt.core.config.schedules import ENTRY_TAGS
@@ -153,17 +154,26 @@ def _leaf_paths(data: Any, prefix: str = "") -> list[str]:
 
 
 def _read_chain(
-    path: Path, search_path: list[Path] | None, seen: tuple[Path, ...], via: str | None = None
+    path: Path,
+    search_path: list[Path] | None,
+    seen: tuple[Path, ...],
+    via: str | None = None,
+    *,
+    legacy: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Read ``path`` and its ``extends`` ancestors; return the merged data and its provenance.
 
-    ``via`` is the ``file:line`` of the ``extends:`` that named ``path``, for messages."""
+    ``via`` is the ``file:line`` of the ``extends:`` that named ``path``, for messages.
+    ``legacy``: each file's APT 1.x fields are translated first (:mod:`.legacy`)."""
     resolved = path.resolve()
     if resolved in seen:
         cycle = " -> ".join(str(p) for p in (*seen, resolved))
         raise ConfigError(f"profiles extend each other in a cycle: {cycle}")
     try:
-        raw, lines = read_yaml(path, sections=("extends", *APTConfig.model_fields))
+        sections = ("extends", *APTConfig.model_fields, *(LEGACY_FIELDS if legacy else ()))
+        raw, lines = read_yaml(path, sections=sections)
+        if legacy:
+            raw = translate_legacy(raw, where=str(path))
     except ConfigError as exc:
         if via is None:
             raise
@@ -184,7 +194,11 @@ def _read_chain(
     except ConfigError as exc:
         raise ConfigError(f"{path}:{lines.get('extends')}: extends: {exc}") from None
     parent, parent_provenance = _read_chain(
-        parent_path, search_path, (*seen, resolved), via=f"{path}:{lines.get('extends')}"
+        parent_path,
+        search_path,
+        (*seen, resolved),
+        via=f"{path}:{lines.get('extends')}",
+        legacy=legacy,
     )
     merged = _merge(parent, data)
     # A child mapping that replaced its parent's (a new `type:`) drops the parent's entries.
@@ -384,8 +398,24 @@ def load_profile(
         ConfigError: naming the file (and line), the dotted key, what was expected and, for
             unknown keys, the closest valid names.
     """
-    path = resolve_profile(name_or_path, search_path)
-    data, provenance = _read_chain(path, search_path, ())
+    return _load(resolve_profile(name_or_path, search_path), overrides, search_path)
+
+
+def load_legacy_file(path: Path, overrides: list[str] | None = None) -> APTConfig:
+    """Load a profile file that may hold APT 1.x fields (``plugins``, ``attention_name``, ...),
+    translated by :func:`~apt.core.config.legacy.translate_legacy` in it and in each of its
+    ``extends:`` parents; what ``APTConfig.from_yaml`` does."""
+    return _load(resolve_profile(path, None), overrides, None, legacy=True)
+
+
+def _load(
+    path: Path,
+    overrides: list[str] | None,
+    search_path: list[Path] | None,
+    *,
+    legacy: bool = False,
+) -> APTConfig:
+    data, provenance = _read_chain(path, search_path, (), legacy=legacy)
     if overrides:
         data, provenance = apply_overrides(data, list(overrides), provenance)
     return validate(data, provenance, str(path))

@@ -30,7 +30,11 @@ class APTConfig(Section):
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="The network.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpus and tokenizer.")
-    training: TrainingConfig = Field(description="Optimisation, distribution and checkpoints.")
+    training: TrainingConfig = Field(
+        # validated from {} so that its own default rule (one epoch) applies
+        default_factory=lambda: TrainingConfig.model_validate({}),
+        description="Optimisation, distribution and checkpoints.",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Validation.")
     monitoring: MonitoringConfig = Field(
         default_factory=MonitoringConfig, description="Progress and metric logs."
@@ -77,10 +81,15 @@ class APTConfig(Section):
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> APTConfig:
-        """Load a profile file (its ``extends:`` parents included) and apply ``overrides``."""
-        from apt.core.config.loader import load_profile
+        """Load a profile file (its ``extends:`` parents included) and apply ``overrides``.
 
-        return load_profile(Path(path), overrides=overrides)
+        APT 1.x fields in the files (``plugins:``, ``attention_name``/``ffn_name``/
+        ``router_name``, ...) are mapped onto the 2.0 sections or refused with what replaces
+        them (:mod:`apt.core.config.legacy`, docs/migration.md); ``load_profile`` reads 2.0
+        profiles only."""
+        from apt.core.config.loader import load_legacy_file
+
+        return load_legacy_file(Path(path), overrides=overrides)
 
     @property
     def source(self) -> str | None:

@@ -247,7 +247,8 @@ class TrainingLoop:
                 self.fire(Event.BEFORE_BACKWARD)
                 self.scaler.scale(out.loss * (counts[i] * scale)).backward()
                 self.fire(Event.AFTER_BACKWARD)
-            loss_sum += out.loss.detach().float() * counts[i]
+            state.batch_loss = out.loss.detach()  # read (and synced) only by who looks
+            loss_sum += state.batch_loss.float() * counts[i]
             state.batch_in_epoch += 1
             state.micro_batch += 1
             self.fire(Event.BATCH_END)

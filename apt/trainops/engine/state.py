@@ -22,6 +22,8 @@ class TrainState:
         micro_batch: micro-batches consumed in the whole run.
         tokens_seen: target tokens trained on, summed over ranks.
         last_loss: mean loss of the latest optimizer step.
+        batch_loss: mean loss of the latest micro-batch on this rank (not reduced over ranks;
+            not saved: it is only meaningful between ``batch_end`` and the next batch).
         lr: learning rate of the first parameter group after the latest step.
         grad_norm: gradient norm before clipping of the latest step.
         metrics: the latest value of every metric (train_loss, val_loss, ...).
@@ -41,6 +43,7 @@ class TrainState:
     # The loss and norm may be 0-d tensors: read through float() only when someone looks, so
     # the loop itself never waits for the device.
     last_loss: Any = float("nan")
+    batch_loss: Any = float("nan")
     lr: float = 0.0
     grad_norm: Any = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)
@@ -114,6 +117,10 @@ class RunState:
     micro_batch = property(lambda self: self._train.micro_batch, doc="Micro-batches in the run.")
     tokens_seen = property(lambda self: self._train.tokens_seen, doc="Target tokens trained on.")
     last_loss = property(lambda self: float(self._train.last_loss), doc="Loss of the latest step.")
+    batch_loss = property(
+        lambda self: float(self._train.batch_loss),
+        doc="Loss of the latest micro-batch on this rank (read it at batch_end).",
+    )
     lr = property(lambda self: self._train.lr, doc="Learning rate after the latest step.")
     grad_norm = property(
         lambda self: float(self._train.grad_norm), doc="Latest pre-clip grad norm."

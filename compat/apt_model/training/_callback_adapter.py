@@ -11,18 +11,18 @@ A 1.x ``TrainingCallback`` subclass works in both worlds: a 1.x loop calls its h
 ``on_epoch_begin(epoch)``           ``epoch_start``    ``state.epoch`` (from 0)
 ``on_batch_begin(batch_idx)``       ``batch_start``    ``state.batch_in_epoch``: the micro-batch
                                                        index in the epoch, from 0
-``on_batch_end(batch_idx, loss)``   ``step_end``       for each micro-batch of the step, in
-                                                       order; ``loss`` = ``state.last_loss``
+``on_batch_end(batch_idx, loss)``   ``batch_end``      ``state.batch_in_epoch - 1``, and
+                                                       ``loss`` = ``state.batch_loss``: that
+                                                       micro-batch's mean loss
 ``on_step(step)``                   ``step_end``       ``state.global_step`` (from 1), after the
                                                        step's ``on_batch_end`` calls
 ``on_epoch_end(epoch, metrics)``    ``epoch_end``      ``state.epoch``, ``state.metrics``
 ``on_train_end()``                  ``train_end``
 ==================================  =================  =========================================
 
-``on_batch_end`` waits for the end of the optimizer step because the engine reports the loss per
-step (the mean over the step's micro-batches and ranks): with one micro-batch per step (no
-gradient accumulation) that is exactly the 1.x sequence and value; with ``k`` micro-batches the
-step's ``k`` calls come together after its last micro-batch, each with the step's loss.
+With gradient accumulation each micro-batch gets its own ``on_batch_end`` with its own loss, as
+in 1.x, and ``on_step`` follows the step's last one. Under data parallelism the loss is the rank's
+own micro-batch loss (1.x ran in one process); ``state.last_loss`` is the step's mean over ranks.
 
 Three 1.x hooks share their name with a 2.0 event method (``on_train_end``, ``on_epoch_end``,
 ``on_batch_end``) but not its arguments; a subclass's override of one of them is wrapped so that
@@ -41,12 +41,11 @@ from apt.trainops.engine.state import Control, RunState
 
 __all__ = ["CallbackManager", "EntropyBasedVotingCallback", "ScheduleCallback", "TrainingCallback"]
 
-#: The engine's arguments turned into the 1.x keyword arguments of the hooks whose names clash;
-#: None: the engine's call is ignored (``on_batch_end`` is delivered at ``step_end``).
-_SHARED_NAMES: dict[str, Callable[[RunState], dict[str, Any]] | None] = {
+#: The engine's arguments turned into the 1.x keyword arguments of the hooks whose names clash.
+_SHARED_NAMES: dict[str, Callable[[RunState], dict[str, Any]]] = {
     "on_train_end": lambda state: {},
     "on_epoch_end": lambda state: {"epoch": state.epoch, "metrics": state.metrics},
-    "on_batch_end": None,
+    "on_batch_end": lambda state: {"batch_idx": state.batch_in_epoch - 1, "loss": state.batch_loss},
 }
 
 
@@ -66,7 +65,7 @@ def _two_way(name: str, legacy: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(legacy)
     def hook(self: TrainingCallback, *args: Any, **kwargs: Any) -> Any:
         if _from_engine(args, kwargs):
-            return None if translate is None else legacy(self, **translate(args[0]))
+            return legacy(self, **translate(args[0]))
         return legacy(self, *args, **kwargs)
 
     hook.__apt_two_way__ = True  # type: ignore[attr-defined]
@@ -113,17 +112,10 @@ class TrainingCallback(Callback):
     def on_epoch_start(self, state: RunState, control: Control) -> None:
         self.on_epoch_begin(epoch=state.epoch)
 
-    def on_step_start(self, state: RunState, control: Control) -> None:
-        self.__apt_step_start = (state.batch_in_epoch, state.micro_batch)
-
     def on_batch_start(self, state: RunState, control: Control) -> None:
         self.on_batch_begin(batch_idx=state.batch_in_epoch)
 
     def on_step_end(self, state: RunState, control: Control) -> None:
-        first, micro = self.__apt_step_start
-        loss = state.last_loss
-        for batch_idx in range(first, first + state.micro_batch - micro):
-            self.on_batch_end(batch_idx=batch_idx, loss=loss)
         self.on_step(step=state.global_step)
 
 

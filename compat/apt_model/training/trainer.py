@@ -18,7 +18,6 @@ from apt.core.registry import closest_names
 from apt.trainops.data import Tokenizer, build_tokenizer
 from apt.trainops.engine import Callback, Finetuner, Trainer
 from apt_model._deprecation import warn_moved
-from apt_model._legacy_config import from_yaml
 
 warn_moved("apt_model.training.trainer", "apt.trainops.engine")
 
@@ -71,7 +70,7 @@ def _refuse(keywords: dict[str, Any]) -> None:
 def _config(config: APTConfig | str | Path | None) -> APTConfig | None:
     if config is None or isinstance(config, APTConfig):
         return config
-    return from_yaml(config)
+    return APTConfig.from_yaml(config)
 
 
 def train_model(

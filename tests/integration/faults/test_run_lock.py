@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from faults_harness import base_env, committed, debris, verify_files
-from torch import nn
+from tiny_lm import BigramLM
 
 from apt.trainops.artifacts import RunLock, RunLockedError
 from apt.trainops.artifacts import run_lock as run_lock_module
@@ -277,16 +277,6 @@ def test_under_torchrun_a_held_folder_ends_every_rank_with_exit_2(tmp_path: Path
 
 
 # ------------------------------------------------------------------ the Trainer
-class Bigram(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(32, 16)
-        self.proj = nn.Linear(16, 32)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.emb(input_ids))  # (B, T, V)
-
-
 def _trainer(folder: Path, **kwargs: object) -> Trainer:
     options: dict[str, object] = {
         "batch_size": 4,
@@ -297,7 +287,7 @@ def _trainer(folder: Path, **kwargs: object) -> Trainer:
         **kwargs,
     }
     data = [{"input_ids": (torch.arange(12) + i) % 32} for i in range(32)]
-    return Trainer(model=Bigram(), train_dataset=data, **options)  # type: ignore[arg-type]
+    return Trainer(model=BigramLM(squash=False), train_dataset=data, **options)  # type: ignore[arg-type]
 
 
 def _files(folder: Path) -> dict[str, bytes]:

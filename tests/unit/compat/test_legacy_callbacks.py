@@ -61,7 +61,11 @@ class Truth(Callback):
 
     def __init__(self) -> None:
         self.losses: dict[int, float] = {}
+        self.batch_losses: list[float] = []
         self.metrics: dict[int, dict[str, float]] = {}
+
+    def on_batch_end(self, state: RunState, control: Control) -> None:
+        self.batch_losses.append(state.batch_loss)
 
     def on_step_end(self, state: RunState, control: Control) -> None:
         self.losses[state.global_step] = state.last_loss
@@ -121,7 +125,9 @@ def test_a_1x_callback_in_the_2_0_trainer_gets_the_1x_hook_sequence(tmp_path: Pa
     assert len(set(losses)) == 8  # each batch its own loss, not a stale one
 
 
-def test_with_gradient_accumulation_batch_ends_come_at_the_step_end(tmp_path: Path) -> None:
+def test_with_gradient_accumulation_each_micro_batch_ends_with_its_own_loss(
+    tmp_path: Path,
+) -> None:
     legacy, truth = Recording(), Truth()
     run(tmp_path, [legacy, truth], accumulation=2, epochs=1)
     expected: list[tuple[str, dict[str, Any]]] = [
@@ -129,14 +135,17 @@ def test_with_gradient_accumulation_batch_ends_come_at_the_step_end(tmp_path: Pa
         ("on_epoch_begin", {"epoch": 0}),
     ]
     for step, first in ((1, 0), (2, 2)):
-        loss = truth.losses[step]
         expected += [
             ("on_batch_begin", {"batch_idx": first}),
+            ("on_batch_end", {"batch_idx": first, "loss": truth.batch_losses[first]}),
             ("on_batch_begin", {"batch_idx": first + 1}),
-            ("on_batch_end", {"batch_idx": first, "loss": loss}),
-            ("on_batch_end", {"batch_idx": first + 1, "loss": loss}),
+            ("on_batch_end", {"batch_idx": first + 1, "loss": truth.batch_losses[first + 1]}),
             ("on_step", {"step": step}),
         ]
+        # equal target counts: the step's loss is the mean of its micro-batches' losses
+        pair = truth.batch_losses[first : first + 2]
+        assert pair[0] != pair[1]
+        assert sum(pair) / 2 == pytest.approx(truth.losses[step], rel=1e-6)
     expected += [("on_epoch_end", {"epoch": 0, "metrics": truth.metrics[0]}), ("on_train_end", {})]
     assert legacy.calls == expected
 

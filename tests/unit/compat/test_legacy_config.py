@@ -128,16 +128,36 @@ def test_other_1x_keys_get_the_2_0_schema_message(tmp_path: Path) -> None:
         from_yaml(write(tmp_path, text))
 
 
-def test_a_translated_profile_cannot_extend(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot use extends"):
-        from_yaml(write(tmp_path, "extends: cpu/tiny\nplugins: [voter]\n"))
+def test_1x_fields_in_a_profile_and_its_parent_are_both_translated(tmp_path: Path) -> None:
+    parent = f"plugins: [voter]\nmodel:\n  {TINY_MODEL}\ndata:\n  seq_len: 32\n"
+    (tmp_path / "parent.yaml").write_text(parent)
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\nplugins: [align]\nmodel:\n  ffn_name: default\n")
+    cfg = APTConfig.from_yaml(child)
+    assert cfg.model.voter is not None and cfg.model.voter.enabled
+    assert cfg.model.align is not None and cfg.model.align.enabled
+    assert cfg.model.hidden_size == 32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="APTConfig.from_yaml (apt/core, outside compat) reads 2.0 profiles only until the "
-    "legacy translation moves into apt.core.config (see compat/apt_model/_legacy_config.py)",
-)
+def test_a_refused_1x_value_in_a_parent_names_the_parent_and_the_extends(tmp_path: Path) -> None:
+    (tmp_path / "parent.yaml").write_text("router_name: expert_choice\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\n")
+    with pytest.raises(ConfigError, match=r"(?s)parent.yaml.*router_name.*named by extends: at"):
+        APTConfig.from_yaml(child)
+
+
+def test_load_profile_stays_strict_about_1x_fields(tmp_path: Path) -> None:
+    from apt.core.config import load_profile
+
+    with pytest.raises(ConfigError, match=r"plugins"):
+        load_profile(write(tmp_path, LEGACY))
+
+
+def test_legacy_from_yaml_is_apt_config_from_yaml() -> None:
+    assert from_yaml == APTConfig.from_yaml
+
+
 def test_apt_config_from_yaml_itself_reads_1x_fields(tmp_path: Path) -> None:
     cfg = APTConfig.from_yaml(write(tmp_path, LEGACY))
     assert cfg.model.moe is not None

@@ -11,20 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
+from tiny_lm import BigramLM
 
 from apt.trainops.engine import Trainer
-
-
-class BigramLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(32, 8)
-        self.proj = nn.Linear(8, 32)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.emb(input_ids))  # (B, T, V)
-
 
 DATA = [{"input_ids": (torch.arange(12) * (i % 5 + 1)) % 32} for i in range(32)]
 
@@ -32,7 +21,7 @@ DATA = [{"input_ids": (torch.arange(12) * (i % 5 + 1)) % 32} for i in range(32)]
 def run(tmp_path: Path, max_steps: int) -> Trainer:
     torch.manual_seed(0)
     trainer = Trainer(
-        model=BigramLM(),
+        model=BigramLM(width=8, squash=False),
         train_dataset=DATA,
         batch_size=4,
         max_steps=max_steps,

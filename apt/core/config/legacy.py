@@ -18,25 +18,21 @@
 
 Every other key is left to the 2.0 schema, which names the key and its nearest valid names.
 
-``APTConfig.from_yaml`` itself cannot call this (``apt/`` never imports compat): only
-``apt.core`` is imported here, so the module can move into ``apt.core.config`` as is, with
-``APTConfig.from_yaml`` translating each file's mapping before validation; ``from_yaml`` below
-then becomes a re-export.
+``APTConfig.from_yaml`` translates every file it reads (the profile and each ``extends:``
+parent) before merging; ``load_profile`` and the CLI read 2.0 profiles only, so a 1.x field
+there is an unknown key with its nearest valid names. The legacy ``apt_model.config.from_yaml``
+is ``APTConfig.from_yaml``.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from apt.core.config import APTConfig, config_from_dict
-from apt.core.config.loader import apply_overrides
-from apt.core.config.yaml_io import read_yaml
 from apt.core.errors import ConfigError
 
-__all__ = ["PLUGINS", "PROVIDERS", "from_yaml", "translate_legacy"]
+__all__ = ["LEGACY_FIELDS", "PLUGINS", "PROVIDERS", "translate_legacy"]
 
 #: 1.x plugin name -> the 2.0 ``model`` section that builds it.
 PLUGINS: dict[str, str] = {
@@ -70,6 +66,9 @@ PROVIDERS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "retrieval_name": (("none",), "APT 2.0 has no retrieval provider"),
 }
+
+#: Top-level keys a 1.x profile may hold besides the 2.0 sections.
+LEGACY_FIELDS: tuple[str, ...] = ("plugins", *PROVIDERS)
 
 _PLUGIN_HELP = (
     "model modules are switched on by their sections (model.moe, model.align, model.voter; 1.x "
@@ -150,27 +149,3 @@ def translate_legacy(data: Mapping[str, Any], *, where: str = "<dict>") -> dict[
     if given is None and model:
         out["model"] = model
     return out
-
-
-def from_yaml(path: str | Path, overrides: list[str] | None = None) -> APTConfig:
-    """Load a profile file that may hold 1.x fields, mapped by :func:`translate_legacy`.
-
-    A file without 1.x fields loads exactly as ``APTConfig.from_yaml(path, overrides)``
-    (``extends:`` and ``file:line`` provenance included).
-
-    Raises:
-        ConfigError: the file is unreadable or invalid, a 1.x field has no 2.0 equivalent, or
-            a file with 1.x fields uses ``extends:``.
-    """
-    data, _ = read_yaml(Path(path))
-    translated = translate_legacy(data, where=str(path))
-    if translated == data:
-        return APTConfig.from_yaml(path, overrides=overrides)
-    if "extends" in translated:
-        raise ConfigError(
-            f"{path}: a file with APT 1.x fields cannot use extends:; write the 1.x fields in "
-            "their 2.0 form (docs/migration.md), then extends: works as in any profile"
-        )
-    if overrides:
-        translated, _ = apply_overrides(translated, list(overrides), {})
-    return config_from_dict(translated, source=f"{path} (APT 1.x fields translated)")
