@@ -89,6 +89,7 @@ def check_plugins(cfg: APTConfig) -> None:
         origin=lambda i: cfg.origin_of(f"callbacks.{i}"),
         sink=None,
         schedules=cfg.schedules,
+        evaluation=cfg.eval,
     )
 
 

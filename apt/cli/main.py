@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from apt.cli.console import guard_console
+from apt.cli.eval_cmd import add_eval_parser, cmd_eval
 from apt.cli.inspect_cmds import cmd_config, cmd_profiles, cmd_tasks
 from apt.cli.train_cmds import cmd_launch, cmd_train
 from apt.core.errors import APTError, ConfigError, DistributedError
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="COMMAND",
         help="the apt command every process runs (train --profile ...)",
     )
+    add_eval_parser(sub)
     return parser
 
 
@@ -117,6 +119,7 @@ _COMMANDS = {
     "config": cmd_config,
     "tasks": cmd_tasks,
     "launch": cmd_launch,
+    "eval": cmd_eval,
 }
 
 

@@ -32,7 +32,7 @@ CALLBACKS: Registry[Any] = Registry(
     "callback",
     lazy={
         "progress_bar": f"{_CALLBACKS}.builtin:ProgressBar",
-        "metrics_logger": f"{_CALLBACKS}.builtin:MetricsLogger",
+        "metrics_logger": f"{_CALLBACKS}.metrics:MetricsLogger",
         "lr_monitor": f"{_CALLBACKS}.builtin:LRMonitor",
         "gradient_norm_monitor": f"{_CALLBACKS}.builtin:GradientNormMonitor",
         "early_stopping": f"{_CALLBACKS}.builtin:EarlyStopping",

@@ -111,13 +111,23 @@ def test_a_v1_run_resumes_and_ends_as_an_uninterrupted_run(v1: Path, in_tmp: Pat
         load_profile("cpu/tiny", overrides=[*RUN, "artifacts.experiment_name=fresh"])
     ).train()
     assert fresh.global_step == 4
-    final = "checkpoints/step-000000004"
-    a = load_file(str(in_tmp / "runs/single" / final / "model/model.safetensors"))
-    b = load_file(str(in_tmp / "runs/fresh" / final / "model/model.safetensors"))
+
+    def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+        return load_file(str(run / f"checkpoints/step-{step:09d}/model/model.safetensors"))
+
+    a, b = weights(in_tmp / "runs/single", 4), weights(in_tmp / "runs/fresh", 4)
     assert a.keys() == b.keys()
+    # Bit for bit where this CPU rounds as the one that wrote the fixture did (its step 2 is
+    # this machine's step 2); another CPU's kernels round otherwise from the first step on,
+    # and then the resumed run can only be as close as two machines' runs are.
+    ours, theirs = weights(in_tmp / "runs/fresh", 2), weights(v1 / "run_single", 2)
+    same_machine = all(torch.equal(ours[name], theirs[name]) for name in ours)
     for name in a:
-        assert torch.equal(a[name], b[name]), name  # bit for bit
-    assert _manifest(in_tmp / "runs/single" / final)["format_version"] == 2
+        if same_machine:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            assert torch.allclose(a[name], b[name], rtol=1e-3, atol=1e-5), name
+    assert _manifest(in_tmp / "runs/single/checkpoints/step-000000004")["format_version"] == 2
 
 
 def test_a_v1_fsdp_checkpoint_loads_in_one_process(v1: Path, in_tmp: Path) -> None:

@@ -1,7 +1,9 @@
-"""The quickstart profile trains a real model on real text (a shortened run)."""
+"""The quickstart profile trains a real model on real text (a shortened run), with every metric
+logger on, and leaves the documented run folder."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -27,8 +29,17 @@ def test_quickstart_validation_loss_falls_by_at_least_20_percent(tmp_path: Path)
             "eval.max_batches=10",
             "--set",
             "training.checkpoints.save_interval=30",
+            "--set",
+            "monitoring.loggers=[{kind: tensorboard}, {kind: wandb, mode: offline}, "
+            "{kind: mlflow}]",
         ],
         cwd=tmp_path,
+        env={
+            **os.environ,
+            "WANDB_SILENT": "true",
+            "WANDB_CONFIG_DIR": str(tmp_path / ".wandb-config"),
+            "WANDB_CACHE_DIR": str(tmp_path / ".wandb-cache"),
+        },
         capture_output=True,
         text=True,
         timeout=600,
@@ -43,4 +54,11 @@ def test_quickstart_validation_loss_falls_by_at_least_20_percent(tmp_path: Path)
     assert "sample:" in proc.stdout
     weights = load_file(run / "final_model" / "model.safetensors")
     assert weights and all(t.isfinite().all() for t in weights.values())
-    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
+    for name in ("config.yaml", "provenance.json", "metrics.jsonl", "env.json", "monitoring.json"):
+        assert (run / name).is_file(), name
+    for name in ("logs/train.log", "plots/loss.png", "plots/lr.png"):
+        assert (run / name).is_file(), name
+    for name in ("checkpoints", "final_model", "tensorboard", "wandb"):
+        assert (run / name).is_dir(), name
+    assert (tmp_path / "runs" / "mlflow.db").is_file()  # the default store, shared by the runs
+    assert "resumed" not in proc.stderr and "failed" not in proc.stderr, proc.stderr[-3000:]

@@ -231,3 +231,22 @@ def test_a_device_the_machine_lacks_is_a_config_error(tmp_path: Path) -> None:
         Trainer(
             model=BigramLM(), train_dataset=PatternText(), device="cuda:3", output_dir=str(tmp_path)
         )
+
+
+def test_the_monitoring_keyword_turns_loggers_on(tmp_path: Path) -> None:
+    """Seed 002's ``Trainer(model=..., monitoring={'tensorboard': True})``."""
+    from monitoring_stores import tensorboard_scalars
+
+    torch.manual_seed(0)
+    trainer = Trainer(
+        model=BigramLM(),
+        train_dataset=PatternText(),
+        max_steps=4,
+        output_dir=str(tmp_path),
+        experiment_name="watched",
+        monitoring={"tensorboard": True, "log_interval": 2},
+    )
+    assert [entry.kind for entry in trainer.config.monitoring.loggers] == ["tensorboard"]
+    trainer.train()
+    points = tensorboard_scalars(tmp_path / "watched" / "tensorboard", "train_loss")
+    assert [step for step, _ in points] == [2, 4]

@@ -15,9 +15,10 @@ from apt.core.config.loader import (
     resolve_profile,
 )
 from apt.core.config.model import AlignConfig, ModelConfig, MoEConfig, VoterConfig
+from apt.core.config.monitoring import MonitoringConfig
 from apt.core.config.plugins import PluginSpec, TaskSpec, TokenizerSpec, validate_options
 from apt.core.config.root import APTConfig
-from apt.core.config.runtime import ArtifactsConfig, EvalConfig, MonitoringConfig
+from apt.core.config.runtime import ArtifactsConfig, EvalConfig
 from apt.core.config.schedules import AnnealSpec, SchedulesConfig
 from apt.core.config.training import (
     CheckpointConfig,

@@ -13,8 +13,9 @@ from apt.core.config.base import Section
 from apt.core.config.callbacks import CallbackSpec
 from apt.core.config.data import TOKENIZER_VOCAB, DataConfig, vocab_mismatch
 from apt.core.config.model import PRESETS, ModelConfig
+from apt.core.config.monitoring import MonitoringConfig
 from apt.core.config.resume import FREE
-from apt.core.config.runtime import ArtifactsConfig, EvalConfig, MonitoringConfig
+from apt.core.config.runtime import ArtifactsConfig, EvalConfig
 from apt.core.config.schedules import SchedulesConfig, schedule_errors
 from apt.core.config.training import TrainingConfig
 
@@ -53,6 +54,29 @@ class APTConfig(Section):
 
     _provenance: dict[str, str] = PrivateAttr(default_factory=dict)
     _source: str | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoints_rank_by_eval_monitor(cls, data: Any) -> Any:
+        """``eval.monitor``/``eval.mode`` are the run's one notion of "best": checkpoint
+        retention follows them unless ``training.checkpoints.best_metric``/``best_mode`` are
+        set themselves."""
+        evaluation = data.get("eval") if isinstance(data, dict) else None
+        if not isinstance(evaluation, dict) or not {"monitor", "mode"} & set(evaluation):
+            return data
+        training = data.get("training") or {}
+        checkpoints = training.get("checkpoints") or {} if isinstance(training, dict) else None
+        if not isinstance(checkpoints, dict):
+            return data
+        follow = {"best_metric": "monitor", "best_mode": "mode"}
+        filled = {
+            key: evaluation[source]
+            for key, source in follow.items()
+            if key not in checkpoints and source in evaluation
+        }
+        if not filled:
+            return data
+        return {**data, "training": {**training, "checkpoints": {**checkpoints, **filled}}}
 
     @model_validator(mode="after")
     def _schedules_name_real_things(self) -> APTConfig:

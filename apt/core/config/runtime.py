@@ -1,12 +1,15 @@
-"""``eval:``, ``monitoring:`` and ``artifacts:`` — what the run measures, shows and keeps."""
+"""``eval:`` and ``artifacts:`` — what the run measures and keeps (``monitoring:`` is in
+:mod:`apt.core.config.monitoring`)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, field_validator
 
 from apt.core.config.base import Section
 
-__all__ = ["ArtifactsConfig", "EvalConfig", "MonitoringConfig"]
+__all__ = ["ArtifactsConfig", "EvalConfig"]
 
 
 class EvalConfig(Section):
@@ -22,16 +25,16 @@ class EvalConfig(Section):
     max_batches: int | None = Field(
         50, ge=1, description="Batches per validation (None: the whole validation set)."
     )
-
-
-class MonitoringConfig(Section):
-    """Console progress and metric logs."""
-
-    resume = "free"
-
-    progress_bar: bool = Field(True, description="Show a progress bar with loss, lr, tokens/s.")
-    log_interval: int = Field(10, ge=1, description="Log training metrics every N steps.")
-    jsonl: bool = Field(True, description="Append metrics to <run>/metrics.jsonl.")
+    monitor: str = Field(
+        "val_loss",
+        pattern=r"^[A-Za-z0-9_./-]+$",
+        description="The metric that says which evaluation is best (val_loss, val_accuracy, "
+        "val_bpb, ...): tracked as best_<monitor>, ranks checkpoints for keep_best_n, and is "
+        "what early_stopping watches unless told otherwise.",
+    )
+    mode: Literal["min", "max"] = Field(
+        "min", description="min: lower is better (losses); max: higher is better (accuracy)."
+    )
 
 
 class ArtifactsConfig(Section):

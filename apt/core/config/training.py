@@ -222,8 +222,13 @@ class CheckpointConfig(Section):
     )
     keep_last_n: int = Field(3, ge=1, description="Newest checkpoints kept.")
     keep_best_n: int = Field(0, ge=0, description="Best checkpoints kept by best_metric.")
-    best_metric: str = Field("val_loss", description="Metric ranking checkpoints for keep_best_n.")
-    best_mode: Literal["min", "max"] = Field("min", description="Lower or higher is better.")
+    best_metric: str = Field(
+        "val_loss",
+        description="Metric ranking checkpoints for keep_best_n (unset: eval.monitor).",
+    )
+    best_mode: Literal["min", "max"] = Field(
+        "min", description="Lower or higher is better (unset: eval.mode)."
+    )
     milestone_interval: int | None = Field(
         None, ge=1, description="Also keep every checkpoint whose step is a multiple of this."
     )

@@ -1,8 +1,10 @@
-"""The run folder: its lock, resolved config, provenance, metric log, exported model."""
+"""The run folder: its lock, resolved config, provenance, environment, metric log, log file,
+plots and exported model."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -15,11 +17,21 @@ from torch import nn
 
 from apt.core.config import ArtifactsConfig
 from apt.core.errors import ConfigError
+from apt.core.logs import RunFileHandler, attach_file_log, detach_file_log
+from apt.core.redact import redact, redact_mapping
+from apt.trainops.artifacts.environment import describe_environment
 from apt.trainops.artifacts.errors import RunFolderError
 from apt.trainops.artifacts.export import write_model
+from apt.trainops.artifacts.plots import write_plots
 from apt.trainops.artifacts.run_lock import RunLock
+from apt.trainops.monitoring.jsonl import write_record
 
-__all__ = ["ArtifactManager", "check_folder_name", "is_inside"]
+__all__ = ["LOG_FILE", "ArtifactManager", "check_folder_name", "is_inside"]
+
+log = logging.getLogger("apt")
+
+#: The run's log file, inside the run folder.
+LOG_FILE = Path("logs") / "train.log"
 
 
 def is_inside(path: str | Path, folder: str | Path) -> bool:
@@ -48,6 +60,29 @@ def check_folder_name(name: str) -> str:
     return name
 
 
+def _file_name(name: str) -> str:
+    """``name`` when it is one file name (``train.log``), else a ValueError."""
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", os.sep)):
+        raise ValueError(f"{name!r} is not a file name: give one name, like 'train.log'")
+    return name
+
+
+def _number(key: str, value: Any) -> Any:
+    """A metric's value as JSON: a number (a 0-d tensor or NumPy scalar becomes a float),
+    a boolean or None; anything else is a TypeError naming ``key``."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if not isinstance(value, str | bytes):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(
+        f"metric {key!r}: metrics.jsonl holds numbers only, got {type(value).__name__}; "
+        "log text with logging.getLogger('apt') (it goes to logs/train.log)"
+    )
+
+
 def _json_safe(value: Any) -> Any:
     """``value`` with every non-finite float (NaN, inf) as None: ``metrics.jsonl`` is JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -64,8 +99,18 @@ class ArtifactManager:
 
     Files: ``.lock`` (while a run holds the folder: :mod:`~apt.trainops.artifacts.run_lock`),
     ``config.yaml`` (the resolved config), ``provenance.json`` (where each value came from),
+    ``env.json`` (:func:`~apt.trainops.artifacts.environment.describe_environment`),
     ``metrics.jsonl`` (one JSON object per logged step; NaN and inf are written as null),
-    ``final_model/``.
+    ``logs/train.log`` (the ``apt`` logger's lines), ``plots/`` (loss and learning rate),
+    ``final_model/``. Each method works on its own, without :meth:`lock` (a script or test
+    that only wants the files); the Trainer takes the lock first.
+
+    Secrets are never written: the config and provenance pass through
+    :func:`~apt.core.redact.redact_mapping` (the value of a key named like a secret, ``api_key``,
+    ``hf_token``, ``db_password``, becomes ``***``, and so does a URI's password or a
+    ``token=...`` parameter in any string), ``env.json`` keeps only the variables that matter
+    for reproducing the run, redacted the same way, every log line passes through
+    :func:`~apt.core.redact.redact`, and ``metrics.jsonl`` holds numbers only.
 
     Args:
         cfg: the ``artifacts`` section (or pass ``output_dir``/``experiment_name``).
@@ -89,6 +134,7 @@ class ArtifactManager:
         self.run_dir = self.output_dir / check_folder_name(experiment_name or cfg.experiment_name)
         self.is_main = is_main
         self._metrics_file: Any = None
+        self._log_handler: RunFileHandler | None = None
         self._lock: RunLock | None = None
         self._ckpt_lock: RunLock | None = None  # a checkpoint folder outside the run folder
 
@@ -180,6 +226,9 @@ class ArtifactManager:
         while target.exists():  # two new runs within one second
             n += 1
             target = self.run_dir.with_name(f"{self.run_dir.name}-{stamp}-{n}")
+        log_file = self._log_handler is not None
+        if log_file:  # the open file would follow the old run into the archive
+            self._detach_log_file()
         self.run_dir.rename(target)
         old = self._lock
         if old is not None and old.held:
@@ -189,37 +238,117 @@ class ArtifactManager:
                 self.lock()
             finally:
                 old.release()  # removes the archived folder's .lock
+        if log_file:
+            self.attach_log_file()
         return target
 
     def save_config(self, config: dict[str, Any], provenance: dict[str, str] | None = None) -> None:
-        """Write the resolved config (and where its values came from)."""
+        """Write the resolved config as ``config.yaml`` (and where its values came from as
+        ``provenance.json``), both redacted: the value of a secret-named key is written as
+        ``***``, and so is a URI's password or a ``token=...`` parameter in any string, in
+        the config and in provenance (which names ``--set`` overrides) alike.
+
+        Raises:
+            RunFolderError: the run folder cannot be created.
+        """
         if not self.is_main:
             return
-        self._write_text("config.yaml", yaml.safe_dump(config, sort_keys=False))
+        self._write_text("config.yaml", yaml.safe_dump(redact_mapping(config), sort_keys=False))
         if provenance is not None:
-            self._write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True))
+            self._write_text(
+                "provenance.json", json.dumps(redact_mapping(provenance), indent=2, sort_keys=True)
+            )
+
+    def save_environment(self, extra: dict[str, Any] | None = None) -> Path | None:
+        """Write ``env.json``: what the run runs on
+        (:func:`~apt.trainops.artifacts.environment.describe_environment`), with ``extra``'s
+        entries on top (the Trainer's world size, device); redacted like :meth:`save_config`.
+        Replaced whole at each start, so it describes the latest one. Returns its path (None
+        on other ranks).
+
+        Raises:
+            RunFolderError: the run folder cannot be created.
+        """
+        if not self.is_main:
+            return None
+        described = redact_mapping(_json_safe({**describe_environment(), **(extra or {})}))
+        self._write_text("env.json", json.dumps(described, indent=2, default=str) + "\n")
+        return self.run_dir / "env.json"
+
+    def attach_log_file(self) -> Path | None:
+        """Append the ``apt`` logger's lines to ``logs/train.log`` (timestamped, redacted;
+        kept across resumes) until :meth:`close`. Main process only: returns the file, or None
+        on other ranks; a no-op when attached already.
+
+        Raises:
+            RunFolderError: the file cannot be created.
+        """
+        if not self.is_main:
+            return None
+        if self._log_handler is None:
+            self.prepare()
+            try:
+                self._log_handler = attach_file_log(self.run_dir / LOG_FILE)
+            except OSError as exc:
+                raise self._unusable(exc) from None
+        return Path(self._log_handler.baseFilename)
+
+    def save_plots(self) -> list[Path]:
+        """Draw ``plots/loss.png`` and ``plots/lr.png`` from ``metrics.jsonl``
+        (:func:`~apt.trainops.artifacts.plots.write_plots`); return the files written.
+
+        Without matplotlib one INFO line says how to install it; a plot that cannot be written
+        (a full disk) is a warning, not an error: the run's other files are what matter.
+        """
+        if not self.is_main:
+            return []
+        try:
+            return write_plots(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+        except OSError as exc:
+            log.warning(
+                "plots/ not written: %s (%s)", exc.strerror or exc, exc.filename or self.run_dir
+            )
+            return []
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Append one line to ``metrics.jsonl`` (a NaN or infinite value is written as null,
-        so every line stays strict JSON)."""
+        so every line stays strict JSON).
+
+        Raises:
+            TypeError: a value is not a number (text belongs in the log, not the metrics).
+        """
         if not self.is_main or not metrics:
             return
+        values = {key: _number(key, value) for key, value in metrics.items()}
         if self._metrics_file is None:
             self.prepare()
             self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        record = _json_safe({"step": step, "time": round(time.time(), 3), **metrics})
-        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._metrics_file.flush()
+        write_record(self._metrics_file, values, step)
 
     # Seed-compatible name.
     def save_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         """Alias of :meth:`log_metrics`."""
         self.log_metrics(metrics, step)
 
-    def save_logs(self, lines: list[str], name: str = "train.log") -> None:
-        """Write free-form log lines to a file in the run folder."""
-        if self.is_main:
-            self._write_text(name, "\n".join(lines) + "\n")
+    def save_logs(self, lines: list[str], name: str = "train.log") -> Path | None:
+        """Append free-form lines, each redacted, to ``logs/<name>``; return the file (None on
+        other ranks). Appending keeps the lines of :meth:`attach_log_file` in the same file.
+
+        Raises:
+            ValueError: ``name`` is not a single file name.
+            RunFolderError: the file cannot be written.
+        """
+        path = self.run_dir / "logs" / _file_name(name)
+        if not self.is_main:
+            return None
+        self.prepare()
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(path, "a", encoding="utf-8") as file:
+                file.writelines(redact(line).rstrip("\n") + "\n" for line in lines)
+        except OSError as exc:
+            raise self._unusable(exc) from None
+        return path
 
     def save_model(
         self,
@@ -255,10 +384,17 @@ class ArtifactManager:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:
-        """Close the metric log."""
+        """Close the metric log and detach the log file (:meth:`attach_log_file`); a later
+        call of either opens it again."""
         if self._metrics_file is not None:
             self._metrics_file.close()
             self._metrics_file = None
+        self._detach_log_file()
+
+    def _detach_log_file(self) -> None:
+        if self._log_handler is not None:
+            detach_file_log(self._log_handler)
+            self._log_handler = None
 
     def _write_text(self, name: str, text: str) -> None:
         self.prepare()

@@ -11,12 +11,22 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from apt.core.config import TokenizerSpec, validate_options
 from apt.core.config.base import Section
+from apt.core.errors import DataError
 from apt.core.registry import Registry
 
-__all__ = ["TOKENIZERS", "ByteTokenizer", "Tokenizer", "build_tokenizer", "token_dtype"]
+__all__ = [
+    "TOKENIZERS",
+    "ByteTokenizer",
+    "Tokenizer",
+    "build_tokenizer",
+    "count_token_bytes",
+    "token_byte_lengths",
+    "token_dtype",
+]
 
 
 @runtime_checkable
@@ -135,3 +145,43 @@ def build_tokenizer(spec: TokenizerSpec | str) -> Tokenizer:
     options_model = getattr(factory, "Options", _NoOptions)
     options = validate_options(options_model, spec.options, where="data.tokenizer")
     return factory(**options.model_dump())
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
+    """How many UTF-8 bytes of text each id stands for: the denominator of bits per byte.
+
+    The byte tokenizer: 1 for every id. Another tokenizer: ``len(tokenizer.token_bytes(i))``
+    when it has a ``token_bytes(id) -> bytes`` method (needed by byte-level BPE, whose single
+    ids can be parts of one character), else the UTF-8 length of ``tokenizer.decode([i])``.
+
+    Returns:
+        An int64 tensor of ``tokenizer.vocab_size`` entries, on the CPU.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return torch.ones(tokenizer.vocab_size, dtype=torch.int64)
+    own = getattr(tokenizer, "token_bytes", None)
+    ids = range(tokenizer.vocab_size)
+    if callable(own):
+        lengths = [len(own(i)) for i in ids]
+    else:
+        lengths = [len(tokenizer.decode([i]).encode("utf-8")) for i in ids]
+    return torch.tensor(lengths, dtype=torch.int64)
+
+
+def count_token_bytes(ids: torch.Tensor, lengths: torch.Tensor) -> int:
+    """The UTF-8 bytes ``ids`` stand for: ``lengths[ids].sum()`` (``lengths`` from
+    :func:`token_byte_lengths`; both on the CPU).
+
+    Raises:
+        DataError: an id outside the table (the data was made with another tokenizer).
+    """
+    if ids.numel() == 0:
+        return 0
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= len(lengths):
+        bad = low if low < 0 else high
+        raise DataError(
+            f"token id {bad} has no byte length: the table covers ids 0..{len(lengths) - 1}. "
+            "Build token_bytes with token_byte_lengths() of the tokenizer that made the data."
+        )
+    return int(lengths[ids].sum())

@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 import torch
 import torch.distributed as dist
@@ -94,8 +94,12 @@ class SideChannel:
 
         c10d errors propagate as they are (wrap the caller in :func:`distributed_errors`).
         """
+        return self.reduce(value, dist.ReduceOp.SUM)
+
+    def reduce(self, value: float, op: Any) -> float:
+        """``value`` reduced over every rank with ``op`` (a ``dist.ReduceOp``), on the host."""
         total = torch.tensor([float(value)], dtype=torch.float64)
-        dist.all_reduce(total, group=self.group)
+        dist.all_reduce(total, op=op, group=self.group)
         return float(total.item())
 
     def agree(self, ok: bool) -> bool:
@@ -124,12 +128,19 @@ class RankSums:
 
     def host(self, value: float) -> float:
         """``value`` summed over every rank (a float)."""
+        return self._host(value, dist.ReduceOp.SUM)
+
+    def host_max(self, value: float) -> float:
+        """The largest ``value`` over every rank (a float)."""
+        return self._host(value, dist.ReduceOp.MAX)
+
+    def _host(self, value: float, op: Any) -> float:
         if self.world_size == 1:
             return value
         if self._side is not None:
-            return self._side.sum(value)
+            return self._side.reduce(value, op)
         total = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
-        dist.all_reduce(total)
+        dist.all_reduce(total, op=op)
         return float(total.item())
 
     def device(self, tensor: torch.Tensor) -> torch.Tensor:

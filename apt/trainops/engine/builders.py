@@ -40,13 +40,14 @@ from apt.trainops.checkpoints import (
 from apt.trainops.distributed import DistEnv, SideChannel, Strategy
 from apt.trainops.engine.bundle import TrainingBundle
 from apt.trainops.engine.callbacks.base import Callback, CallbackManager
-from apt.trainops.engine.callbacks.builtin import MetricSink, MetricsLogger, ProgressBar
+from apt.trainops.engine.callbacks.builtin import ProgressBar
 from apt.trainops.engine.callbacks.curriculum import ScheduleCallback
+from apt.trainops.engine.callbacks.metrics import MetricsLogger
 from apt.trainops.engine.callbacks.registry import build_callbacks as build_configured
 from apt.trainops.engine.checkpointing import RunCheckpoints, RunRecord
 from apt.trainops.engine.loop import LoopPlan
 from apt.trainops.engine.tasks import TrainingTask
-from apt.trainops.eval import PaddedForRanks
+from apt.trainops.eval import PaddedForRanks, pad_collate
 
 __all__ = [
     "build_callbacks",
@@ -79,7 +80,9 @@ def build_loaders(
 
     rank, world = strategy.sampler_rank_world()
 
-    def loader(dataset: Dataset[Any], size: int, *, shuffle: bool) -> DataLoader[Any]:
+    def loader(
+        dataset: Dataset[Any], size: int, *, shuffle: bool, collate: Any = None
+    ) -> DataLoader[Any]:
         return create_dataloader(
             dataset,
             batch_size=size,
@@ -89,6 +92,7 @@ def build_loaders(
             rank=rank,
             world_size=world,
             drop_last=shuffle,
+            collate_fn=collate,
         )
 
     if train_loader is None:
@@ -104,7 +108,9 @@ def build_loaders(
             and task.can_pad
         ):
             eval_dataset = PaddedForRanks(eval_dataset, world, task.without_targets)
-        eval_loader = loader(eval_dataset, eval_batch_size, shuffle=False)
+        # A padding row has labels that a real row may lack: pad_collate makes them alike.
+        collate = pad_collate if isinstance(eval_dataset, PaddedForRanks) else None
+        eval_loader = loader(eval_dataset, eval_batch_size, shuffle=False, collate=collate)
     return train_loader, eval_loader
 
 
@@ -140,6 +146,8 @@ def plan_loop(cfg: TrainingConfig, evaluation: EvalConfig, *, batches: int | Non
         eval_at_start=evaluation.at_start,
         on_nonfinite=cfg.on_nonfinite,
         max_skipped_steps=cfg.max_skipped_steps,
+        monitor=evaluation.monitor,
+        mode=evaluation.mode,
     )
 
 
@@ -148,21 +156,26 @@ def build_callbacks(
     *,
     specs: list[CallbackSpec],
     schedules: SchedulesConfig,
-    sink: MetricSink,
+    evaluation: EvalConfig,
+    metrics: MetricsLogger,
     extra: list[Callback],
     origin: Callable[[int], str] | None = None,
 ) -> CallbackManager:
-    """The progress bar and metrics logger (``cfg``), the curriculum when ``schedules`` is set,
-    the configured ``specs``, then the caller's own callbacks, in that order.
+    """The progress bar (``cfg``) and the metrics logger, the curriculum when ``schedules`` is
+    set, the configured ``specs``, then the caller's own callbacks, in that order.
 
+    Callbacks built from ``specs`` are handed, when their constructor takes them, the
+    metrics logger's ``sink``, the ``schedules`` and the ``evaluation`` section.
     ``origin(i)`` says where ``specs[i]`` was written (for error messages)."""
     built: list[Callback] = []
     if cfg.progress_bar:
         built.append(ProgressBar())
-    built.append(MetricsLogger(cfg.log_interval, sink=sink))
+    built.append(metrics)
     if schedules.root and "schedule" not in {spec.name for spec in specs}:
         built.append(ScheduleCallback(schedules=schedules))
-    built += build_configured(specs, origin=origin, sink=sink, schedules=schedules)
+    built += build_configured(
+        specs, origin=origin, sink=metrics.sink, schedules=schedules, evaluation=evaluation
+    )
     return CallbackManager(built + list(extra))
 
 

@@ -21,6 +21,7 @@ import torch
 from apt.core.config import APTConfig, config_from_dict
 from apt.core.config.resume import is_resume_critical
 from apt.core.errors import CheckpointError, ConfigError
+from apt.core.redact import redact_mapping
 from apt.core.version import __version__
 from apt.trainops.checkpoints import CheckpointManager, CheckpointSaveError, LoadedCheckpoint
 from apt.trainops.engine.bundle import TrainingBundle
@@ -61,7 +62,8 @@ class RunRecord:
     """What every checkpoint of a run records about the run, and a resume checks.
 
     Attributes:
-        config: the resolved config (``APTConfig.to_dict()``).
+        config: the resolved config (``APTConfig.to_dict()``), secrets masked
+            (:func:`~apt.core.redact.redact_mapping`): checkpoints are files like any other.
         fingerprint: its sha256.
         world_size: processes in the run.
     """
@@ -73,7 +75,7 @@ class RunRecord:
     @classmethod
     def of(cls, config: APTConfig, world_size: int) -> RunRecord:
         """The record of ``config`` run on ``world_size`` processes."""
-        return cls(config.to_dict(), config.fingerprint(), world_size)
+        return cls(redact_mapping(config.to_dict()), config.fingerprint(), world_size)
 
     @property
     def batch_size(self) -> int:
@@ -211,13 +213,25 @@ class RunCheckpoints:
             "cpu_threads": torch.get_num_threads(),
             "versions": {"apt": __version__, "torch": torch.__version__},
         }
+
+        def committed() -> None:
+            stats = self.manager.last_save
+            if stats is not None:
+                state.last_save = {
+                    "step": stats.step,
+                    "total_seconds": stats.total_seconds,
+                    "blocking_seconds": stats.blocking_seconds,
+                    "bytes": stats.bytes_written,
+                }
+            on_saved()
+
         with self._stop_on_failure():
             self.manager.save(
                 state.global_step,
                 self.bundle,
                 trainer_state=trainer_state,
                 metrics=dict(state.metrics),
-                on_committed=on_saved,
+                on_committed=committed,
             )
             if reason != "interval":
                 self.manager.wait()

@@ -33,6 +33,7 @@ KEYWORDS = {
     "save_interval": "training.checkpoints.save_interval",
     "distributed_config": "training.distributed",
     "eval_interval": "eval.interval",
+    "monitoring": "monitoring",  # {"tensorboard": True, "wandb": True} or {"loggers": [...]}
     "output_dir": "artifacts.output_dir",
     "experiment_name": "artifacts.experiment_name",
 }

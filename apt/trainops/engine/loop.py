@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,6 +40,8 @@ class LoopPlan:
     eval_at_start: bool
     on_nonfinite: Policy = "stop"
     max_skipped_steps: int = 10
+    monitor: str = "val_loss"
+    mode: str = "min"
 
 
 class SavePoints(Protocol):
@@ -327,6 +330,19 @@ class TrainingLoop:
             state.stop_reason = control.stop_reason or "stop requested by a callback"
             state.finished = True
 
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        """Keep ``best_<monitor>`` and ``best_<monitor>_step`` in the metrics (``eval.monitor``,
+        ``eval.mode``); saved with every checkpoint, so a resumed run knows its best."""
+        name = self.plan.monitor
+        value = metrics.get(name)
+        if value is None or not math.isfinite(value):
+            return
+        key = f"best_{name}"
+        best = self.state.metrics.get(key)
+        if best is None or (value < best if self.plan.mode == "min" else value > best):
+            self.state.metrics[key] = value
+            self.state.metrics[f"{key}_step"] = float(self.state.global_step)
+
     def _stop_evaluating(self) -> bool:
         """Whether an exit request (on any rank) abandons the evaluation in progress."""
         self.exit_requested = self.exit_requested or self._exit_agreed()
@@ -345,6 +361,7 @@ class TrainingLoop:
             return None
         self.state.pending_eval = False
         self.state.metrics.update(metrics)
+        self._track_best(metrics)
         self._last_eval_step = self.state.global_step
         report = getattr(self.bundle.lr_scheduler, "report", None)
         if report is not None and "val_loss" in metrics:

@@ -24,6 +24,8 @@ class TrainState:
         last_loss: mean loss of the latest optimizer step.
         batch_loss: mean loss of the latest micro-batch on this rank (not reduced over ranks;
             not saved: it is only meaningful between ``batch_end`` and the next batch).
+        last_save: timings of the latest committed checkpoint (``step``,
+            ``total_seconds``, ``blocking_seconds``, ``bytes``); not saved.
         lr: learning rate of the first parameter group after the latest step.
         grad_norm: gradient norm before clipping of the latest step.
         metrics: the latest value of every metric (train_loss, val_loss, ...).
@@ -44,6 +46,7 @@ class TrainState:
     # the loop itself never waits for the device.
     last_loss: Any = float("nan")
     batch_loss: Any = float("nan")
+    last_save: dict[str, float] = field(default_factory=dict)
     lr: float = 0.0
     grad_norm: Any = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)
@@ -120,6 +123,10 @@ class RunState:
     batch_loss = property(
         lambda self: float(self._train.batch_loss),
         doc="Loss of the latest micro-batch on this rank (read it at batch_end).",
+    )
+    last_save = property(
+        lambda self: dict(self._train.last_save),
+        doc="Timings of the latest committed checkpoint (read it at checkpoint_save).",
     )
     lr = property(lambda self: self._train.lr, doc="Learning rate after the latest step.")
     grad_norm = property(

@@ -17,6 +17,7 @@ from apt.core.errors import CheckpointError, ConfigError
 from apt.core.logs import install_console_logging
 from apt.trainops.artifacts import ArtifactManager, ExportError, RunFolderError, is_inside
 from apt.trainops.checkpoints.layout import committed_dirs
+from apt.trainops.data.tokenizers import build_tokenizer, token_byte_lengths
 from apt.trainops.distributed import (
     RankSums,
     SideChannel,
@@ -33,6 +34,7 @@ from apt.trainops.engine.builders import (
 )
 from apt.trainops.engine.bundle import TrainingBundle
 from apt.trainops.engine.callbacks.base import Callback
+from apt.trainops.engine.callbacks.metrics import MetricsLogger
 from apt.trainops.engine.checkpointing import RunRecord
 from apt.trainops.engine.events import Event
 from apt.trainops.engine.keywords import LENGTH_KEYWORDS, config_with_keywords
@@ -42,6 +44,12 @@ from apt.trainops.engine.signals import graceful_exit
 from apt.trainops.engine.state import TrainState
 from apt.trainops.engine.tasks import TrainingTask, build_task
 from apt.trainops.eval import Evaluator
+from apt.trainops.monitoring import (
+    build_monitor,
+    flops_per_token,
+    multiplying_parameters,
+    peak_flops,
+)
 
 __all__ = ["Finetuner", "PreTrainer", "TrainResult", "Trainer"]
 
@@ -243,6 +251,15 @@ class Trainer:
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
         )
+        # val_bpb needs the bytes each token stands for: known for the config's own corpus.
+        own_eval_data = eval_dataloader is None and eval_dataset is None
+        own_data = own_eval_data and train_dataloader is None and train_dataset is None
+        counts_bytes = hasattr(self.task, "count_target_bytes")  # causal_lm; not regression
+        self._token_bytes = (
+            token_byte_lengths(build_tokenizer(cfg.data.tokenizer))
+            if own_data and counts_bytes
+            else None
+        )
         self.plan = plan_loop(tcfg, cfg.eval, batches=_length(self.train_loader))
         optimizer = self.task.build_optimizer(
             tcfg.optimizer, model=trained, learning_rate=tcfg.learning_rate
@@ -256,11 +273,26 @@ class Trainer:
             scaler=make_grad_scaler(tcfg.precision, self.device),
         )
         self.autocast = make_autocast(tcfg.precision, self.device)
+        self.monitor = build_monitor(
+            cfg.monitoring,
+            run_dir=self.run_dir,
+            output_dir=self.artifacts.output_dir,
+            enabled=env.is_main,
+        )
         self.callbacks = build_callbacks(
             cfg.monitoring,
             specs=cfg.callbacks,
             schedules=cfg.schedules,
-            sink=self.artifacts.log_metrics,
+            evaluation=cfg.eval,
+            metrics=MetricsLogger(
+                cfg.monitoring.log_interval,
+                sink=self.monitor.log,
+                flops_per_token=self._flops_per_token(raw_model, built_here=model is None),
+                peak_flops=peak_flops(env.device, cfg.monitoring.peak_flops),
+                world_size=env.world_size,
+                reduce_max=self.sums.host_max if env.world_size > 1 else None,
+                device=self.device,
+            ),
             extra=callbacks or [],
             origin=lambda i: cfg.origin_of(f"callbacks.{i}"),
         )
@@ -278,6 +310,22 @@ class Trainer:
             record=RunRecord.of(cfg, env.world_size),
             allow_config_change=allow_config_change,
             export_final=self._export_final if cfg.artifacts.save_final_model else None,
+        )
+
+    def _flops_per_token(self, model: nn.Module, *, built_here: bool) -> float:
+        """Training FLOPs per token for the MFU estimate: 6 x the parameters that multiply
+        (every one but an embedding table that is only looked up; a table tied to the output
+        head multiplies there, so it counts), plus attention's share when the shape is known
+        (a model built from ``cfg.model``)."""
+        params = multiplying_parameters(model)
+        if not built_here:
+            return flops_per_token(params)
+        shape = self.config.model
+        return flops_per_token(
+            params,
+            num_layers=shape.num_layers,
+            hidden_size=shape.hidden_size,
+            seq_len=self.config.data.seq_len,
         )
 
     def _claim_run_folder(self, *, new_run: bool) -> None:
@@ -348,6 +396,8 @@ class Trainer:
             device=self.device,
             autocast=self.autocast,
             reduce=self.sums.device if self.env.world_size > 1 else None,
+            token_bytes=self._token_bytes,
+            prefix="val_",
         )
 
     def _export_final(self) -> None:
@@ -438,18 +488,40 @@ class Trainer:
             state=self.state,
         )
         first_step = self.state.global_step
+        monitoring = False
         try:
             with distributed_errors(f"training (rank {self.env.rank})"):
                 complete = self._resume(loop)
                 first_step = self.state.global_step
                 if not complete:
+                    # rank 0: <run>/logs/train.log; a finished rerun leaves the folder as it was
+                    self.artifacts.attach_log_file()
+                    log.info(
+                        "training %s from step %d to step %d",
+                        self.run_dir,
+                        first_step,
+                        self.plan.total_steps,
+                    )
                     # Only a run that trains records its config: a refused or finished rerun
                     # leaves the run folder as it was.
                     self.artifacts.save_config(self.config.to_dict(), self.config.provenance)
+                    self.artifacts.save_environment(
+                        {"world_size": self.env.world_size, "device": str(self.device)}
+                    )
+                    self.monitor.start(
+                        self.config.artifacts.experiment_name,
+                        start_step=self.state.global_step,
+                        hparams=self.config.to_dict(),
+                    )
+                    monitoring = True
                     with graceful_exit(loop.request_exit):
                         loop.run()
                 self.checkpoints.finish()
+                if not complete:
+                    self.artifacts.save_plots()
         finally:
+            if monitoring:
+                self.monitor.finish()
             self.artifacts.mark_busy(False)
             self.artifacts.close()
             self._claimed = False

@@ -5,10 +5,10 @@ from apt.trainops.engine.callbacks.builtin import (
     EarlyStopping,
     GradientNormMonitor,
     LRMonitor,
-    MetricsLogger,
     ProgressBar,
 )
 from apt.trainops.engine.callbacks.curriculum import EntropyBasedVotingCallback, ScheduleCallback
+from apt.trainops.engine.callbacks.metrics import MetricsLogger
 from apt.trainops.engine.callbacks.registry import CALLBACKS, build_callback, build_callbacks
 
 __all__ = [

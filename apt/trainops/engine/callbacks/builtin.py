@@ -1,4 +1,5 @@
-"""Built-in callbacks: progress bar, metric logging, LR and gradient-norm monitors, early stop."""
+"""Built-in callbacks: progress bar, LR and gradient-norm monitors, early stop (metric logging:
+:mod:`.metrics`)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,21 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any, Literal
 
+from apt.core.config import EvalConfig
 from apt.trainops.engine.callbacks.base import Callback
+from apt.trainops.engine.callbacks.metrics import MetricSink
 from apt.trainops.engine.state import Control, RunState
 
 __all__ = [
     "EarlyStopping",
     "GradientNormMonitor",
     "LRMonitor",
-    "MetricsLogger",
     "ProgressBar",
 ]
 
 log = logging.getLogger("apt")
-
-#: Receives ``(metrics, step)``; the Trainer passes its metric writers (jsonl, TensorBoard, ...).
-MetricSink = Callable[[dict[str, float], int], None]
 
 
 class ProgressBar(Callback):
@@ -108,51 +106,6 @@ class ProgressBar(Callback):
             self._bar = None
 
 
-class MetricsLogger(Callback):
-    """Sends training metrics every ``log_interval`` steps, and every evaluation, to the sink."""
-
-    def __init__(self, log_interval: int = 10, *, sink: MetricSink | None = None) -> None:
-        self.log_interval = log_interval
-        self.sink = sink
-        self._t0 = 0.0
-        self._tokens0 = 0
-
-    def on_train_start(self, state: RunState, control: Control) -> None:
-        self._t0, self._tokens0 = time.perf_counter(), state.tokens_seen
-
-    def on_step_end(self, state: RunState, control: Control) -> None:
-        if state.global_step % self.log_interval or not state.is_main:
-            return
-        now = time.perf_counter()
-        tok_s = (state.tokens_seen - self._tokens0) / max(now - self._t0, 1e-9)
-        self._t0, self._tokens0 = now, state.tokens_seen
-        metrics = {
-            "train_loss": state.last_loss,
-            "lr": state.lr,
-            "grad_norm": state.grad_norm,
-            "tokens_seen": float(state.tokens_seen),
-            "tokens_per_second": tok_s,
-            "epoch": float(state.epoch),
-        }
-        self._emit(metrics, state.global_step)
-
-    def on_eval_end(self, state: RunState, control: Control) -> None:
-        if not state.is_main:
-            return
-        evals = {
-            k: v
-            for k, v in state.metrics.items()
-            if k.startswith("val_") and not k.endswith(("_initial", "_final"))
-        }
-        self._emit(evals, state.global_step)
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in sorted(evals.items()))
-        log.info("step %d: %s", state.global_step, shown)
-
-    def _emit(self, metrics: dict[str, float], step: int) -> None:
-        if self.sink is not None:
-            self.sink(metrics, step)
-
-
 class LRMonitor(Callback):
     """Records the learning rate of every parameter group at every step (``lr/group_<i>``)."""
 
@@ -190,19 +143,25 @@ class EarlyStopping(Callback):
     """Stops training when ``monitor`` has not improved by ``min_delta`` for ``patience`` evals.
 
     Args:
-        monitor: metric name (``val_loss``, ``val_perplexity``, ...).
-        mode: ``min`` (lower is better) or ``max``.
+        monitor: metric name (``val_loss``, ``val_perplexity``, ...); None: ``eval.monitor``.
+        mode: ``min`` (lower is better) or ``max``; None: ``eval.mode``.
         patience: evaluations without improvement tolerated.
         min_delta: smallest change that counts as an improvement.
+        evaluation: the run's ``eval`` section (given by the Trainer to callbacks built from
+            YAML): its ``monitor``/``mode`` are the defaults, else ``val_loss``/``min``.
     """
 
     def __init__(
         self,
-        monitor: str = "val_loss",
-        mode: Literal["min", "max"] = "min",
+        monitor: str | None = None,
+        mode: Literal["min", "max"] | None = None,
         patience: int = 3,
         min_delta: float = 0.0,
+        *,
+        evaluation: EvalConfig | None = None,
     ) -> None:
+        monitor = monitor or (evaluation.monitor if evaluation is not None else "val_loss")
+        mode = mode or (evaluation.mode if evaluation is not None else "min")
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta

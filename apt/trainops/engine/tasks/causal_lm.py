@@ -107,6 +107,14 @@ class CausalLMTask(TrainingTask):
         _, labels = split_batch(batch)
         return int((labels != IGNORE_INDEX).sum())
 
+    def count_target_bytes(self, batch: Any, token_bytes: torch.Tensor) -> int:
+        """UTF-8 bytes of the batch's targets (``token_bytes[id]`` summed over them), for
+        ``val_bpb``; called on the CPU batch, like ``count_targets``."""
+        from apt.trainops.data.tokenizers import count_token_bytes
+
+        _, labels = split_batch(batch)
+        return count_token_bytes(labels[labels != IGNORE_INDEX], token_bytes)
+
     def train_step(
         self, model: nn.Module, batch: Any, criterion: Callable[..., torch.Tensor]
     ) -> StepOutput:
