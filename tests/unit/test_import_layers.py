@@ -93,3 +93,32 @@ def test_importing_all_of_apt_loads_no_legacy_module() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     loaded = int(out.stdout.split()[0])
     assert loaded > 50, out.stdout  # the walk really imported the package
+
+
+#: What ``from apt import Trainer`` must not import: each costs start-up time (together about
+#: a second on two cores) that a run pays only when it uses them (DCP at its first checkpoint,
+#: FSDP and DTensor when it shards, the trackers and matplotlib when configured). (torch itself
+#: imports FSDP with torch._dynamo when the first optimizer is built.)
+HEAVY_ON_DEMAND = (
+    "torch.distributed.checkpoint",
+    "torch.distributed.fsdp",
+    "torch.distributed.tensor",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+    "matplotlib",
+)
+
+
+def test_the_trainer_imports_nothing_heavy_it_does_not_use_yet() -> None:
+    code = (
+        "import sys\n"
+        "from apt import Trainer, load_profile\n"
+        f"heavy = {HEAVY_ON_DEMAND!r}\n"
+        "print(sorted(m for m in sys.modules if m in heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

@@ -284,6 +284,14 @@ class TrainingConfig(Section):
         "fp32", description="Autocast dtype (fp16 adds a GradScaler)."
     )
     compile: bool = Field(False, description="Wrap the model with torch.compile.")
+    compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = Field(
+        "default",
+        description="torch.compile's mode when compile is on: reduce-overhead and max-autotune "
+        "replay the step as CUDA graphs (fewer launch gaps, more memory); "
+        "max-autotune-no-cudagraphs only searches faster kernels (longer compilation).",
+    )
     device: str = Field(
         "auto",
         description="auto (cuda when present, else cpu), cpu, cuda, cuda:N (GPU N, one "

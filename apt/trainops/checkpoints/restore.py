@@ -18,7 +18,6 @@ from torch import nn
 from torch.optim import Optimizer
 
 from apt.core.errors import CheckpointError
-from apt.trainops.checkpoints.dcp import load_module_shards, load_optimizer_shards
 from apt.trainops.checkpoints.errors import CheckpointMismatchError
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
 from apt.trainops.checkpoints.parts import Part, check_loadable, module_of, part_file, part_folder
@@ -239,6 +238,8 @@ def _load_module(
     map_location: str,
 ) -> None:
     if _is_dcp(ckpt, module):
+        from apt.trainops.checkpoints.dcp import load_module_shards  # DCP imported on first use
+
         folder = ckpt.path / part_folder(module.name, "module")
         load_module_shards(folder, _need_strategy(strategy, ckpt), module.obj, process_group=group)
         return
@@ -259,6 +260,8 @@ def _load_optimizer(
 ) -> None:
     opt: Optimizer = optimizer.obj
     if _is_dcp(ckpt, optimizer):
+        from apt.trainops.checkpoints.dcp import load_optimizer_shards  # on first use
+
         folder = ckpt.path / part_folder(optimizer.name, "optimizer")
         load_optimizer_shards(
             folder,

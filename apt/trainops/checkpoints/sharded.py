@@ -26,9 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
-from apt.trainops.checkpoints.dcp import write_dcp
 from apt.trainops.checkpoints.fsio import FileRecord, StageFiles, hash_file
 from apt.trainops.checkpoints.manifest import VerifiedCheckpoint
 from apt.trainops.checkpoints.parts import Part, module_of
@@ -36,6 +34,7 @@ from apt.trainops.checkpoints.payload import snapshot_state_parts, write_state_p
 from apt.trainops.checkpoints.restore import load_parts
 from apt.trainops.checkpoints.tensorio import SnapshotBuffers
 from apt.trainops.distributed import Strategy, in_process_group
+from apt.trainops.distributed.dtensor import is_dtensor
 
 __all__ = ["ShardedStatePayload", "stage_shards"]
 
@@ -74,6 +73,8 @@ class ShardedStatePayload:
         return {"shards": shards, "state": states}
 
     def write(self, files: StageFiles, snap: Any, *, is_writer: bool) -> None:
+        from apt.trainops.checkpoints.dcp import write_dcp  # DCP imported on first use
+
         rank = dist.get_rank(self.group) if in_process_group() else 0
         hashing: dict[str, Future[FileRecord]] = {}
         with ThreadPoolExecutor(_THREADS, thread_name_prefix="apt-shard-sha256") as pool:
@@ -108,7 +109,9 @@ def stage_shards(state: Any, what: str, buffers: SnapshotBuffers | None, path: s
     """
     if buffers is None:
         return state
-    if isinstance(state, DTensor):
+    if is_dtensor(state):
+        from torch.distributed.tensor import DTensor
+
         local = buffers.copy(f"{what}/{path}", state.to_local())
         return DTensor.from_local(
             local,

@@ -28,7 +28,6 @@ from apt.trainops.checkpoints.layout import MANIFEST_FILE, TRAINER_STATE_FILE, r
 from apt.trainops.checkpoints.manifest import Manifest, VerifiedCheckpoint, read_manifest
 from apt.trainops.checkpoints.parts import part_file, part_folder
 from apt.trainops.checkpoints.rng import rng_json_problem, rng_tensors_problem
-from apt.trainops.checkpoints.safe_dcp import check_storage_sizes, read_dcp_metadata
 from apt.trainops.checkpoints.tensorio import tensor_markers
 
 __all__ = ["check_content", "required_files", "verify_checkpoint"]
@@ -153,6 +152,9 @@ def check_content(ckpt: VerifiedCheckpoint) -> None:
         elif rel.endswith(".pt"):
             _check_structure(ckpt, rel)
         elif match := _DCP_METADATA.match(rel):
+            # torch.distributed.checkpoint is imported only for checkpoints that hold DCP shards
+            from apt.trainops.checkpoints.safe_dcp import check_storage_sizes, read_dcp_metadata
+
             prefix = match.group(1) or ""
             metadata = read_dcp_metadata(ckpt.path / prefix, match.group(2))
             sizes = {

@@ -8,6 +8,8 @@ Everything here is torch.distributed itself (c10d, DDP, FSDP2 ``fully_shard`` an
 state-dict API); APT adds the configuration, the checks and the error messages.
 """
 
+from typing import Any
+
 from apt.trainops.distributed.collectives import (
     RankSums,
     SideChannel,
@@ -32,7 +34,6 @@ from apt.trainops.distributed.env import (
 from apt.trainops.distributed.strategies import (
     STRATEGIES,
     DDPStrategy,
-    FSDPStrategy,
     SingleStrategy,
     Strategy,
     build_strategy,
@@ -65,3 +66,11 @@ __all__ = [
     "teardown_distributed",
     "unwrap_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FSDPStrategy":  # imported on first use: FSDP2 brings DTensor with it
+        from apt.trainops.distributed.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,16 +17,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
 
 from apt.core.errors import CheckpointError
+from apt.trainops.distributed.dtensor import is_dtensor
 from apt.trainops.distributed.env import group_rank, group_world_size, in_process_group
 
 __all__ = [
@@ -39,7 +32,18 @@ __all__ = [
 
 StateDict = dict[str, Any]
 
-_FULL_ON_RANK0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+def _dcp_state_dict() -> Any:
+    """``torch.distributed.checkpoint.state_dict``, imported on first use: importing
+    ``torch.distributed.checkpoint`` costs most of a second, which a run only pays when it
+    saves, loads or exports."""
+    import torch.distributed.checkpoint.state_dict as state_dict
+
+    return state_dict
+
+
+def _full_on_rank0() -> Any:
+    return _dcp_state_dict().StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def gather_full_state(
@@ -51,10 +55,10 @@ def gather_full_state(
     keyed by parameter name (``{"state": {name: {...}}, "param_groups": [...]}``); it is ``{}``
     when ``optimizer`` is None.
     """
-    model_sd = get_model_state_dict(model, options=_FULL_ON_RANK0)
+    model_sd = _dcp_state_dict().get_model_state_dict(model, options=_full_on_rank0())
     optim_sd: StateDict = {}
     if optimizer is not None:
-        optim_sd = _optimizer_state(model, optimizer, _FULL_ON_RANK0)
+        optim_sd = _optimizer_state(model, optimizer, _full_on_rank0())
     # Unsharded CPU tensors come back as the live parameters and optimizer buffers themselves;
     # a snapshot must not change when training goes on (an async save reads it later).
     live = _storages(model, optimizer)
@@ -62,7 +66,7 @@ def gather_full_state(
 
 
 def _optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, options: StateDictOptions | None = None
+    model: nn.Module, optimizer: torch.optim.Optimizer, options: Any = None
 ) -> StateDict:
     """get_optimizer_state_dict without its side effect on an optimizer that never stepped.
 
@@ -72,7 +76,7 @@ def _optimizer_state(
     """
     pristine = not optimizer.state
     try:
-        return get_optimizer_state_dict(model, optimizer, options=options)
+        return _dcp_state_dict().get_optimizer_state_dict(model, optimizer, options=options)
     finally:
         if pristine:
             optimizer.state.clear()
@@ -88,7 +92,7 @@ def _storages(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> set[
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _copy_aliases(tree: Any, live: set[int]) -> Any:
@@ -164,11 +168,15 @@ def load_full_state(
         return
     optimizer.zero_grad(set_to_none=True)
     if rank0_has[2]:
-        set_optimizer_state_dict(
+        _dcp_state_dict().set_optimizer_state_dict(
             model,
             optimizer,
             _copy_optim_state(optim_sd),
-            options=(StateDictOptions(full_state_dict=True, broadcast_from_rank0=not all_have[1])),
+            options=(
+                _dcp_state_dict().StateDictOptions(
+                    full_state_dict=True, broadcast_from_rank0=not all_have[1]
+                )
+            ),
         )
         return
     # A stateless optimizer (SGD without momentum) has no tensor to place a shard of; torch's
@@ -183,10 +191,12 @@ def load_full_state(
 def _load_full_model(model: nn.Module, model_sd: StateDict, *, broadcast: bool) -> None:
     try:
         # torch writes the loaded (sharded) values back into the dict it is given: copy.
-        set_model_state_dict(
+        _dcp_state_dict().set_model_state_dict(
             model,
             dict(model_sd),
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast),
+            options=_dcp_state_dict().StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=broadcast
+            ),
         )
     except (KeyError, RuntimeError) as exc:
         raise CheckpointError(
@@ -203,7 +213,7 @@ def sharded_state(
     DTensor shards under FSDP, whole tensors otherwise; these are the live tensors, not copies.
     The optimizer state is ``{}`` when ``optimizer`` is None.
     """
-    model_sd = get_model_state_dict(model)
+    model_sd = _dcp_state_dict().get_model_state_dict(model)
     optim_sd = _optimizer_state(model, optimizer) if optimizer is not None else {}
     return model_sd, optim_sd
 
@@ -218,8 +228,8 @@ def load_sharded_state(
     optimizer; ``model_sd=None`` leaves the weights alone. Gradients are cleared first (see
     :func:`load_full_state`)."""
     if model_sd is not None:
-        set_model_state_dict(model, model_sd)
+        _dcp_state_dict().set_model_state_dict(model, model_sd)
     if optimizer is None:
         return
     optimizer.zero_grad(set_to_none=True)
-    set_optimizer_state_dict(model, optimizer, optim_sd)
+    _dcp_state_dict().set_optimizer_state_dict(model, optimizer, optim_sd)

@@ -238,7 +238,7 @@ class Trainer:
         # has to fit on one device.
         trained = self.strategy.apply(raw_model)
         if tcfg.compile:
-            trained = self.strategy.compile(trained)
+            trained = self.strategy.compile(trained, tcfg.compile_mode)
         self.train_loader, self.eval_loader = build_loaders(
             cfg.data,
             task=self.task,

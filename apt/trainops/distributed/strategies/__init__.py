@@ -1,4 +1,10 @@
-"""Registered strategies: ``single``, ``ddp``, ``fsdp`` (see :func:`build_strategy`)."""
+"""Registered strategies: ``single``, ``ddp``, ``fsdp`` (see :func:`build_strategy`).
+
+``FSDPStrategy`` and ``transformer_blocks`` are imported on first use (FSDP2 imports DTensor,
+half a second that a run on one device or DDP never needs).
+"""
+
+from typing import Any
 
 from apt.trainops.distributed.strategies.base import (
     STRATEGIES,
@@ -7,7 +13,6 @@ from apt.trainops.distributed.strategies.base import (
     unwrap_model,
 )
 from apt.trainops.distributed.strategies.ddp import DDPStrategy
-from apt.trainops.distributed.strategies.fsdp import FSDPStrategy, transformer_blocks
 from apt.trainops.distributed.strategies.single import SingleStrategy
 
 __all__ = [
@@ -20,3 +25,11 @@ __all__ = [
     "transformer_blocks",
     "unwrap_model",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("FSDPStrategy", "transformer_blocks"):
+        from apt.trainops.distributed.strategies import fsdp
+
+        return getattr(fsdp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

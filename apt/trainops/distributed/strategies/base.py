@@ -15,11 +15,11 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from apt.core.config.training import DistributedConfig
 from apt.core.errors import DistributedError
 from apt.core.registry import Registry
+from apt.trainops.distributed.dtensor import is_dtensor
 from apt.trainops.distributed.env import DistEnv, check_world_size
 from apt.trainops.distributed.state_dicts import (
     StateDict,
@@ -80,9 +80,10 @@ class Strategy:
         """Move ``model`` to this rank's device and wrap/shard it; use the result for training."""
         return model.to(self.env.device)
 
-    def compile(self, model: nn.Module) -> nn.Module:
-        """``torch.compile`` the wrapped model (``training.compile``); returns what to train."""
-        return torch.compile(model)  # type: ignore[return-value]
+    def compile(self, model: nn.Module, mode: str = "default") -> nn.Module:
+        """``torch.compile`` the wrapped model (``training.compile``, ``mode``:
+        ``training.compile_mode``); returns what to train."""
+        return torch.compile(model, mode=mode)  # type: ignore[return-value]
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module (no DDP, no ``torch.compile`` wrapper)."""
@@ -106,8 +107,8 @@ class Strategy:
             return torch.zeros(())
         grads = [p.grad for p in params]
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)  # type: ignore[arg-type]
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
+        if is_dtensor(total):
+            total = total.full_tensor()  # type: ignore[attr-defined]
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
@@ -157,7 +158,11 @@ class Strategy:
         )
 
 
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
+#: Strategies by ``training.distributed.strategy``; FSDP (and the DTensor machinery it needs)
+#: is imported only by a run that chooses it.
+STRATEGIES: Registry[type[Strategy]] = Registry(
+    "strategy", lazy={"fsdp": "apt.trainops.distributed.strategies.fsdp:FSDPStrategy"}
+)
 
 
 def build_strategy(cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp32") -> Strategy:

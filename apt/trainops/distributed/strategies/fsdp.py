@@ -25,7 +25,7 @@ from torch.distributed.fsdp import (
 from apt.core.config.training import DistributedConfig
 from apt.core.errors import DistributedError
 from apt.trainops.distributed.env import DistEnv
-from apt.trainops.distributed.strategies.base import STRATEGIES, Strategy, unwrap_model
+from apt.trainops.distributed.strategies.base import Strategy, unwrap_model
 
 __all__ = ["FSDPStrategy", "transformer_blocks"]
 
@@ -57,7 +57,6 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-@STRATEGIES.register("fsdp")
 class FSDPStrategy(Strategy):
     """FSDP2 with ``training.distributed.fsdp`` options.
 
@@ -137,12 +136,12 @@ class FSDPStrategy(Strategy):
             root.set_requires_gradient_sync(True)
             root.set_reshard_after_backward(True)
 
-    def compile(self, model: nn.Module) -> nn.Module:
+    def compile(self, model: nn.Module, mode: str = "default") -> nn.Module:
         """Compile each transformer block in place (FSDP's hooks stay between the compiled
         regions, and parameter names keep no ``_orig_mod.`` prefix)."""
         blocks = transformer_blocks(unwrap_model(model))
         if not blocks:
-            return super().compile(model)
+            return super().compile(model, mode)
         for block in blocks:
-            block.compile()
+            block.compile(mode=mode)
         return model
