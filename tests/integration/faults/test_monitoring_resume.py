@@ -178,6 +178,10 @@ def test_a_backend_that_fails_does_not_stop_training(tmp_path: Path) -> None:
     assert attempt.returncode == 0, c.describe()
     warnings = [line for line in attempt.stderr.splitlines() if "mlflow" in line.lower()]
     assert warnings and "tracking_uri" in attempt.stderr, c.describe()
-    assert CANARY not in attempt.stderr
+    assert CANARY not in attempt.stdout + attempt.stderr
+    leaks = [
+        str(p) for p in run_dir(c).rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()
+    ]
+    assert not leaks, f"the tracking URI's password was written to {leaks}"
     assert sorted(last_losses(run_dir(c))) == list(range(1, STEPS + 1))
     assert os.path.isdir(run_dir(c) / "tensorboard")
