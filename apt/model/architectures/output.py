@@ -15,7 +15,8 @@ class ModelOutput:
     """Result of ``APTModel.forward``.
 
     Attributes:
-        logits: (B, T, V) next-token logits.
+        logits: (B, T, V) next-token logits (None when the forward was asked for the loss
+            only: ``return_logits=False``).
         loss: ``lm_loss + sum(aux_losses.values())``; None without targets. Backpropagate this.
         lm_loss: float32 cross-entropy of the logits against the targets; None without targets.
         aux_losses: extra losses of the switched-on modules, already weighted, by name
@@ -23,7 +24,7 @@ class ModelOutput:
         stats: detached scalars worth logging (``moe_overflow_fraction``, ``voter_fired``).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -32,6 +32,23 @@ def test_forward_shapes_and_loss_against_aligned_targets(tiny_model: Factory) ->
     assert out.aux_losses == {} and out.stats == {}
 
 
+def test_a_loss_only_forward_gives_the_same_loss_and_gradients_without_logits(
+    tiny_model: Factory,
+) -> None:
+    x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
+    full, lean = tiny_model(), tiny_model()
+    with_logits = full(x, y)
+    without = lean(x, y, return_logits=False)
+    assert without.logits is None and with_logits.logits is not None
+    assert torch.equal(without.loss, with_logits.loss)
+    with_logits.loss.backward()
+    without.loss.backward()
+    for (name, a), b in zip(full.named_parameters(), lean.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+    # without targets there is no loss to return instead: the logits always come back
+    assert lean(x, return_logits=False).logits.shape == (2, 8, 256)
+
+
 def test_no_targets_no_loss(tiny_model: Factory) -> None:
     out = tiny_model()(torch.randint(0, 256, (2, 5)))
     assert out.loss is None and out.lm_loss is None

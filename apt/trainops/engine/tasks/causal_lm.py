@@ -51,11 +51,11 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _takes_targets(model: nn.Module) -> bool:
+def _forward_parameters(model: nn.Module) -> set[str]:
     try:
-        return "targets" in inspect.signature(unwrap_model(model).forward).parameters
+        return set(inspect.signature(unwrap_model(model).forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
 
 
 class CausalLMTask(TrainingTask):
@@ -69,7 +69,7 @@ class CausalLMTask(TrainingTask):
 
     def __init__(self, options: Section | None = None) -> None:
         super().__init__(options)
-        self._takes_targets: bool | None = None
+        self._forward_takes: set[str] | None = None
 
     def build_model(self, cfg: ModelConfig) -> nn.Module:
         from apt.model import build_model
@@ -120,7 +120,10 @@ class CausalLMTask(TrainingTask):
     ) -> StepOutput:
         input_ids, labels = split_batch(batch)
         if self._targets_ok(model):
-            out = model(input_ids, targets=labels)
+            # The step needs the loss only: logits that stay inside a compiled graph are
+            # never written out (APT models: return_logits=False).
+            loss_only = {"return_logits": False} if self._takes("return_logits", model) else {}
+            out = model(input_ids, targets=labels, **loss_only)
             return StepOutput(loss=out.loss, stats=dict(getattr(out, "stats", {}) or {}))
         logits = model(input_ids)
         logits = getattr(logits, "logits", logits)
@@ -154,6 +157,9 @@ class CausalLMTask(TrainingTask):
         return StepOutput(loss=loss, totals=totals)
 
     def _targets_ok(self, model: nn.Module) -> bool:
-        if self._takes_targets is None:
-            self._takes_targets = _takes_targets(model)
-        return self._takes_targets
+        return self._takes("targets", model)
+
+    def _takes(self, parameter: str, model: nn.Module) -> bool:
+        if self._forward_takes is None:
+            self._forward_takes = _forward_parameters(model)
+        return parameter in self._forward_takes
