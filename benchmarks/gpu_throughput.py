@@ -168,6 +168,8 @@ class Clock:
             torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
         )
         self.start = self.end = math.nan
+        self.profiler: Any = None
+        self.profile: dict[str, float] | None = None
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -179,6 +181,15 @@ class Clock:
         elif step == self.args.warmup + self.args.steps:
             self.sync()
             self.end = time.perf_counter()
+            if self.args.profile_steps:  # after the clock: profiling costs time itself
+                self.profiler = torch.profiler.profile()
+                self.profiler.__enter__()
+        elif self.profiler is not None and step == self.args.warmup + self.args.steps + (
+            self.args.profile_steps
+        ):
+            self.sync()
+            self.profiler.__exit__(None, None, None)
+            self.profile = kernel_time_by_kind(self.profiler, self.args.profile_steps)
 
     def report(self, name: str, flops: float) -> dict[str, Any]:
         seconds = self.end - self.start
@@ -189,13 +200,45 @@ class Clock:
             if self.args.device.startswith("cuda")
             else None
         )
+        step_ms = 1e3 * seconds / self.args.steps
+        busy = None if not self.profile else round(sum(self.profile.values()) / step_ms, 3)
         return {
             "run": name,
+            "step_ms": round(step_ms, 2),
+            "device_busy_fraction": busy,
+            "device_ms_per_step_by_kind": self.profile,
             "tokens_per_second": round(tokens_per_second),
             "mfu": None if peak is None else round(tokens_per_second * flops / peak, 4),
             "flops_per_token": flops,
             "peak_memory_gib": None if memory is None else round(memory, 2),
         }
+
+
+#: Kernel name fragments -> what the time is spent on (first match wins).
+KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("fused elementwise (triton)", ("triton",)),
+    ("matmul", ("nvjet", "gemm", "xmma", "cutlass", "matmul", "wgmma", "cublas")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+
+
+def kernel_time_by_kind(profiler: Any, steps: int) -> dict[str, float]:
+    """Device milliseconds per step by kind of kernel, from a profile of ``steps`` steps."""
+    totals: dict[str, float] = {}
+    for event in profiler.key_averages():
+        device_us = getattr(event, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(event, "self_cuda_time_total", 0.0)
+        if not device_us or getattr(event, "device_type", None) is None:
+            continue
+        if str(event.device_type).endswith("CPU"):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, parts in KERNEL_KINDS if any(p in name for p in parts)), "other")
+        totals[kind] = totals.get(kind, 0.0) + device_us / 1e3 / steps
+    return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def _shape(args: argparse.Namespace) -> dict[str, int]:
@@ -217,6 +260,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15, help="steps before the clock starts")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the clock stops, profile this many more steps: device time per step by "
+        "kind of kernel (matmul, attention, fused elementwise, optimizer, ...) in the results",
+    )
+    parser.add_argument(
         "--lever",
         action="append",
         default=[],
@@ -227,7 +277,8 @@ def main() -> None:
     args = parser.parse_args()
 
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.warmup + args.steps, args.batch, args.seq_len + 1),
+    total = args.warmup + args.steps + args.profile_steps
+    ids = torch.randint(0, args.vocab, (total, args.batch, args.seq_len + 1),
                         generator=gen)  # fmt: skip
     batches = [{"input_ids": x[:, :-1], "labels": x[:, 1:]} for x in ids]
     levers = [[p for p in group.split(",") if p] for group in args.lever]
