@@ -72,15 +72,16 @@ def _number(key: str, value: Any) -> Any:
     a boolean or None; anything else is a TypeError naming ``key``."""
     if value is None or isinstance(value, bool | int | float):
         return value
-    if not isinstance(value, str | bytes):
-        try:
-            return float(value)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    raise TypeError(
+    refused = TypeError(
         f"metric {key!r}: metrics.jsonl holds numbers only, got {type(value).__name__}; "
         "log text with logging.getLogger('apt') (it goes to logs/train.log)"
     )
+    if isinstance(value, str | bytes):
+        raise refused
+    try:
+        return float(value)  # a 0-d tensor, a NumPy scalar
+    except (TypeError, ValueError, RuntimeError):
+        raise refused from None
 
 
 def _json_safe(value: Any) -> Any:
