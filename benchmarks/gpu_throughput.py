@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -120,6 +121,15 @@ def apt_run(
     args: argparse.Namespace, batches: list[dict[str, torch.Tensor]], lever: list[str]
 ) -> dict[str, Any]:
     out = tempfile.mkdtemp(prefix="apt-gpu-throughput-")
+    try:
+        return _apt_run(args, batches, [*args.set, *lever], out)
+    finally:  # the final checkpoint of a 1.6B model is 26 GB: do not let them pile up
+        shutil.rmtree(out)
+
+
+def _apt_run(
+    args: argparse.Namespace, batches: list[dict[str, torch.Tensor]], lever: list[str], out: str
+) -> dict[str, Any]:
     overrides = [
         f"training.max_steps={len(batches)}",
         "training.gradient_accumulation_steps=1",
@@ -273,6 +283,16 @@ def main() -> None:
         metavar="KEY=VALUE[,KEY=VALUE]",
         help="an APT run with these overrides (repeatable; the default run always goes first)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for every APT run, the default one included (repeatable)",
+    )
+    parser.add_argument(
+        "--skip-plain", action="store_true", help="APT runs only (no ratios; saves a compile)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -284,12 +304,15 @@ def main() -> None:
     levers = [[p for p in group.split(",") if p] for group in args.lever]
     if any(p.startswith("training.batch_size=") for lever in levers for p in lever):
         parser.error("the batches are built here: set the batch size with --batch (both loops)")
-    rows = [plain_run(args, batches)]
+    rows = [] if args.skip_plain else [plain_run(args, batches)]
+    for row in rows:
+        print(json.dumps(row), flush=True)  # as each run ends: a cut-off call keeps them
     for lever in [[], *levers]:
         rows.append(apt_run(args, batches, lever))
-    base = rows[0]["tokens_per_second"]
+        print(json.dumps(rows[-1]), flush=True)
+    base = None if args.skip_plain else rows[0]["tokens_per_second"]
     for row in rows:
-        row["vs_plain"] = round(row["tokens_per_second"] / base, 3)
+        row["vs_plain"] = None if base is None else round(row["tokens_per_second"] / base, 3)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     result = {
         "date": time.strftime("%Y-%m-%d"),

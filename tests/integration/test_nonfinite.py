@@ -211,3 +211,35 @@ def test_the_cli_exits_3_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert code == 3, err
     assert "on_nonfinite: stop" in err and "Traceback" not in err
+
+
+class PoisonModelWeights(Callback):
+    """Fills every weight of the model with NaN at the end of ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, state: RunState, control: Control) -> None:
+        if state.global_step == self.step:
+            with torch.no_grad():
+                for p in state.model.parameters():
+                    p.fill_(float("nan"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("save_interval", [None, 3])
+def test_stop_on_cuda_reads_the_step_without_a_sync_and_still_names_it(
+    tmp_path: Path, save_interval: int | None
+) -> None:
+    trainer = make(
+        tmp_path,
+        device="cuda",
+        max_steps=12,
+        save_interval=save_interval,
+        callbacks=[PoisonModelWeights(4)],
+    )
+    with pytest.raises(TrainingDiverged, match="on_nonfinite: stop") as caught:
+        trainer.train()
+    assert "step 5: the training loss is nan" in str(caught.value)
+    assert max(committed_steps(trainer), default=0) <= 4

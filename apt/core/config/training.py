@@ -283,6 +283,13 @@ class TrainingConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="Autocast dtype (fp16 adds a GradScaler)."
     )
+    float8: Literal["off", "tensorwise", "rowwise"] = Field(
+        "off",
+        description="Train the linear layers' matrix products in FP8 (torchao float8 "
+        "training; needs training.precision: bf16, a GPU of compute capability >= 8.9 and "
+        "torchao, else the run says so and trains without FP8). tensorwise: fastest; rowwise: "
+        "one scale per row, closer to bf16. Pays from about width 2048; the head stays bf16.",
+    )
     compile: bool = Field(False, description="Wrap the model with torch.compile.")
     compile_mode: Literal[
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
@@ -333,6 +340,15 @@ class TrainingConfig(Section):
         ):
             return {**data, "num_epochs": 1}
         return data
+
+    @model_validator(mode="after")
+    def _float8_takes_bf16(self) -> TrainingConfig:
+        if self.float8 != "off" and self.precision != "bf16":
+            raise ValueError(
+                f"float8: {self.float8} runs under bf16 autocast, but precision is "
+                f"{self.precision!r}; set precision: bf16 or float8: off"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

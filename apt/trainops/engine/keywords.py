@@ -27,6 +27,8 @@ KEYWORDS = {
     "device": "training.device",
     "seed": "training.seed",
     "compile": "training.compile",
+    "compile_mode": "training.compile_mode",
+    "float8": "training.float8",
     "task": "training.task",
     "auto_resume": "training.auto_resume",
     "checkpoint_dir": "training.checkpoints.directory",

@@ -2,8 +2,9 @@
 finite.
 
 ``stop`` (the default) watches every step without waiting for the device: the step and loss of
-the first non-finite step are kept on the device and read one step late (when the device has
-long finished that step), and in full before every checkpoint and evaluation, together with a
+the first non-finite step are kept on the device and read late (on CUDA through a pinned copy
+looked at once it has landed, usually a step or two later; on the CPU one step late), and in
+full before every checkpoint and evaluation, together with a
 check of the weights. So no checkpoint of a diverged model is ever written: the newest good one
 stays LATEST. ``skip_step`` reads the loss of every step before its update (one host sync per
 step) and skips the update of a non-finite one. ``continue`` checks nothing.
@@ -80,7 +81,9 @@ class NonFiniteGuard:
         self.sums = sums
         self.check_grad_norm = check_grad_norm
         self._first_bad: tuple[torch.Tensor, torch.Tensor] | None = None  # (step, loss)
-        self._previous: torch.Tensor | None = None
+        self._previous: torch.Tensor | None = None  # CPU: the first bad step, one step late
+        self._host: torch.Tensor | None = None  # CUDA: its pinned host copy ...
+        self._landed: torch.cuda.Event | None = None  # ... and when that copy has landed
 
     def _bad(self, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> torch.Tensor:
         bad = ~torch.isfinite(loss)
@@ -128,7 +131,7 @@ class NonFiniteGuard:
         self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | float | None
     ) -> None:
         """Record ``step`` if it is the first non-finite one (on the device, no sync); raise
-        when the step before it was non-finite (read one step late: no wait for the device).
+        when a step before it was non-finite (read late: no wait for the device).
 
         Raises:
             TrainingDiverged: under ``stop``, a step so far was non-finite.
@@ -145,9 +148,29 @@ class NonFiniteGuard:
             new = bad & (first_step < 0)
             first_step = torch.where(new, now, first_step)
             self._first_bad = (first_step, torch.where(new, loss, first_loss))
+        if loss.is_cuda:
+            self._read_when_landed(self._first_bad[0])
+            return
         previous, self._previous = self._previous, self._first_bad[0]
         if previous is not None and int(previous) >= 0:
             self._raise()
+
+    def _read_when_landed(self, first_step: torch.Tensor) -> None:
+        """CUDA: copy the first bad step to pinned host memory without blocking, and look at
+        the copy only once it has landed (an event query, no wait). ``int()`` of a device
+        tensor would wait for every kernel queued so far, including this step's: the host
+        could then never run ahead of the device."""
+        if self._host is None:
+            self._host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            self._landed = torch.cuda.Event()
+        elif self._landed is not None and self._landed.query():
+            if int(self._host) >= 0:
+                self._raise()
+        else:
+            return  # the last copy is still on its way; the next step looks again
+        assert self._landed is not None
+        self._host.copy_(first_step, non_blocking=True)
+        self._landed.record()
 
     def check(self, model: nn.Module, *, before: str) -> None:
         """Under ``stop``: raise when any step so far, or any weight, is non-finite (before a

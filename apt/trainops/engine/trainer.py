@@ -37,6 +37,7 @@ from apt.trainops.engine.callbacks.base import Callback
 from apt.trainops.engine.callbacks.metrics import MetricsLogger
 from apt.trainops.engine.checkpointing import RunRecord
 from apt.trainops.engine.events import Event
+from apt.trainops.engine.float8 import apply_float8
 from apt.trainops.engine.keywords import LENGTH_KEYWORDS, config_with_keywords
 from apt.trainops.engine.loop import TrainingLoop
 from apt.trainops.engine.precision import make_autocast, make_grad_scaler, seed_everything
@@ -229,6 +230,8 @@ class Trainer:
         cfg, tcfg, env = self.config, self.config.training, self.env
         raw_model = model if model is not None else self.task.build_model(cfg.model)
         _warn_if_made_for_gpus(tcfg, raw_model, env.device)
+        # Before the strategy wraps or shards it: FP8 swaps nn.Linear modules.
+        self.float8_layers = apply_float8(raw_model, tcfg.float8, env.device)
         self.strategy = build_strategy(tcfg.distributed, env=env, precision=tcfg.precision)
         # One gloo channel for the loop's host sums, one for checkpoint coordination (the
         # async writer thread): collectives from two threads must not share a group.
