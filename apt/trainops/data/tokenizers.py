@@ -7,6 +7,7 @@ factory under a new name.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
@@ -26,6 +27,7 @@ __all__ = [
     "count_token_bytes",
     "token_byte_lengths",
     "token_dtype",
+    "tokenizer_fingerprint",
 ]
 
 
@@ -145,6 +147,19 @@ def build_tokenizer(spec: TokenizerSpec | str) -> Tokenizer:
     options_model = getattr(factory, "Options", _NoOptions)
     options = validate_options(options_model, spec.options, where="data.tokenizer")
     return factory(**options.model_dump())
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A sha256 that changes whenever the ids ``tokenizer`` gives could change: its name, size
+    and end-of-text id, and for a tokenizer with a ``serialized() -> str`` method (the BPE and
+    HF tokenizers: their whole ``tokenizer.json``) that text too."""
+    digest = hashlib.sha256(
+        f"{tokenizer.name}\0{tokenizer.vocab_size}\0{tokenizer.eos_id}".encode()
+    )
+    serialized = getattr(tokenizer, "serialized", None)
+    if callable(serialized):
+        digest.update(b"\0" + serialized().encode("utf-8"))
+    return digest.hexdigest()
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
