@@ -3,7 +3,7 @@
     python -m apt eval --model runs/tiny/final_model --data notes.txt
     python -m apt eval --checkpoint runs/tiny/checkpoints --data corpus/ --metrics loss bpb
 
-The text is tokenized (the tokenizer the checkpoint's config names, else the byte tokenizer),
+The text is tokenized (the tokenizer saved with the model or run, else the one its config names),
 packed into sequences as training packs it, and scored by
 :class:`~apt.trainops.eval.Evaluator`. Input that cannot be used (a missing or wrong folder, a
 checkpoint that fails verification, no text) ends the command with exit code 2 and one line
@@ -56,7 +56,10 @@ def add_eval_parser(sub: Any) -> None:
     ev.add_argument("--max-batches", type=int, metavar="N", help="stop after N batches")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ev.add_argument(
-        "--tokenizer", metavar="NAME", help="tokenizer name (default: the checkpoint's, else byte)"
+        "--tokenizer",
+        metavar="NAME|PATH",
+        help="byte, or a tokenizer.json / tokenizer folder (default: the one saved with the "
+        "model or run, else the run config's, else byte)",
     )
     ev.add_argument("--json", metavar="OUT", help="where to write the metrics as JSON")
 
@@ -66,7 +69,7 @@ class _Loaded:
     """A model ready to score, and what the report says about where it came from."""
 
     model: Any
-    tokenizer_name: str
+    tokenizer: Any  # a Tokenizer, or the data.tokenizer spec to build one
     source: dict[str, Any]
     json_path: Path
 
@@ -76,14 +79,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    from apt.trainops.data import build_tokenizer
     from apt.trainops.eval.metrics import METRICS, check_metric_names
 
     metrics = check_metric_names(args.metrics or METRICS, where="--metrics")
     device = _device(args.device)
     try:
         loaded = _load_model(args)
-        tokenizer = build_tokenizer(args.tokenizer or loaded.tokenizer_name)
+        tokenizer = _tokenizer(args.tokenizer, loaded.tokenizer)
         config = loaded.model.config
         if config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(
@@ -201,10 +203,20 @@ def _load_pretrained(folder: Path) -> _Loaded:
     model = APTModel.from_pretrained(folder)
     return _Loaded(
         model=model,
-        tokenizer_name="byte",
+        tokenizer=model.tokenizer or "byte",  # the one saved beside the weights
         source={"model": str(folder.resolve()), "step": None},
         json_path=folder / "eval.json",
     )
+
+
+def _tokenizer(flag: str | None, loaded: Any) -> Any:
+    """``--tokenizer`` (a name, or a tokenizer.json / folder path), else the model's own."""
+    from apt.trainops.data import Tokenizer, build_tokenizer
+
+    if flag is not None:
+        is_path = flag not in ("byte", "bpe", "hf") and Path(flag).expanduser().exists()
+        return build_tokenizer({"kind": "hf", "path": flag} if is_path else flag)
+    return loaded if isinstance(loaded, Tokenizer) else build_tokenizer(loaded)
 
 
 def _load_checkpoint(path: Path) -> _Loaded:
@@ -217,6 +229,7 @@ def _load_checkpoint(path: Path) -> _Loaded:
     """
     from apt.core.config import config_from_dict
     from apt.core.config.training import DistributedConfig
+    from apt.model.tokenizers import load_tokenizer
     from apt.trainops.checkpoints import ShardedStatePayload, describe_parts
     from apt.trainops.checkpoints.loading import read_checkpoint, read_trainer_state
     from apt.trainops.distributed import DistEnv, SingleStrategy
@@ -242,9 +255,10 @@ def _load_checkpoint(path: Path) -> _Loaded:
     parts = describe_parts({"model": model})
     loaded = read_checkpoint(ckpt, payload, parts, rank=0, map_location="cpu", restore_rng=False)
     run_dir = ckpt.path.parent.parent
+    saved_tokenizer = load_tokenizer(run_dir / "tokenizer")  # the run's own copy
     return _Loaded(
         model=model,
-        tokenizer_name=cfg.data.tokenizer.kind,
+        tokenizer=saved_tokenizer or cfg.data.tokenizer,
         source={"checkpoint": str(ckpt.path.resolve()), "step": loaded.step},
         json_path=run_dir / "eval.json",
     )

@@ -102,9 +102,7 @@ def _report(trainer: Any, result: Any) -> None:
 def _sample(trainer: Any, model: Any, prompt: str) -> str:
     import torch
 
-    from apt.trainops.data import build_tokenizer
-
-    tokenizer = build_tokenizer(trainer.config.data.tokenizer)
+    tokenizer = trainer.tokenizer
     ids = torch.tensor([list(tokenizer.encode(prompt))], device=trainer.device)
     gen = torch.Generator(device=trainer.device).manual_seed(trainer.config.training.seed)
     out = model.generate(ids, max_new_tokens=160, temperature=0.8, top_k=40, generator=gen)

@@ -270,6 +270,7 @@ def test_final_export_on_a_full_disk_with_stop_fails_then_the_rerun_exports(
     assert rerun.returncode == 0, rerun.stderr
     assert "resumed from runs/tiny/checkpoints/step-000000002" in rerun.stderr
     assert sorted(p.name for p in (run / "final_model").iterdir()) == [
+        "apt_tokenizer.json",  # the byte tokenizer of the run's data
         "config.json",
         "model.safetensors",
     ]

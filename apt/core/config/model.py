@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, model_validator
 
@@ -89,7 +89,11 @@ class ModelConfig(Section):
     preset: Literal["tiny", "small", "base", "large"] | None = Field(
         None, description="Named size; keys given next to it override the preset's values."
     )
-    vocab_size: int = Field(256, ge=2, description="Embedding rows; >= the tokenizer's size.")
+    vocab_size: Annotated[int, Field(ge=2)] | Literal["auto"] = Field(
+        256,
+        description="Embedding rows; >= the tokenizer's size. auto: the tokenizer's size "
+        "rounded up to a multiple of 64 (set when the run starts).",
+    )
     hidden_size: int = Field(256, ge=8, description="Width of the residual stream.")
     num_layers: int = Field(4, ge=1, description="Transformer blocks.")
     num_heads: int = Field(4, ge=1, description="Attention (query) heads.")

@@ -54,7 +54,12 @@ class TokenizerSpec(PluginSpec):
 
     resume = "critical"  # other token ids: another run
 
-    kind: str = Field("byte", description="Tokenizer name: byte (UTF-8 bytes, 256 ids).")
+    kind: str = Field(
+        "byte",
+        description="Tokenizer name: byte (UTF-8 bytes, 256 ids), bpe (a tokenizer.json trained "
+        "by `python -m apt data tokenizer`; option path) or hf (any tokenizer.json or Hugging "
+        "Face tokenizer folder on disk; options path, eos_token).",
+    )
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -91,8 +91,9 @@ class APTConfig(Section):
 
     @model_validator(mode="after")
     def _data_fits_the_model(self) -> APTConfig:
-        known = TOKENIZER_VOCAB.get(self.data.tokenizer.kind)
-        problem = known and vocab_mismatch(self.model.vocab_size, self.data.tokenizer.kind, known)
+        kind, vocab = self.data.tokenizer.kind, self.model.vocab_size
+        known = TOKENIZER_VOCAB.get(kind)
+        problem = known and vocab != "auto" and vocab_mismatch(vocab, kind, known)
         if problem:
             raise ValueError(problem)
         if self.data.seq_len > self.model.max_seq_len:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ from apt.model.layers.norm import RMSNorm
 from apt.model.layers.rope import RotaryEmbedding
 from apt.model.layers.switch import ModuleGroup
 from apt.model.layers.voter import Voter
+from apt.model.tokenizers import Tokenizer
 
 __all__ = ["APTModel", "Block", "build_model"]
 
@@ -92,6 +93,11 @@ class APTModel(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.vocab_size == "auto":
+            raise ConfigError(
+                "model.vocab_size: auto is set from the tokenizer when a run starts (Trainer, "
+                "python -m apt train); to build a model on its own give the number of ids"
+            )
         self.config = config
         D, V = config.hidden_size, config.vocab_size
         moe_every = config.moe.every_n_layers if config.moe is not None else 0
@@ -106,6 +112,8 @@ class APTModel(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._init_weights()
+        #: Turns text into ids for ``generate(text)`` and travels with ``save_pretrained``.
+        self.tokenizer: Tokenizer | None = None
         # Built after the weights: the reference covers exactly the LM's parameters.
         self.align = AlignLoss(config.align, self.named_parameters()) if config.align else None
         self.voter = Voter(config.voter) if config.voter else None
@@ -201,30 +209,55 @@ class APTModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    @torch.no_grad()
+    @overload
     def generate(
         self,
         prompt_ids: torch.Tensor,
         max_new_tokens: int,
+        temperature: float = ...,
+        top_k: int | None = ...,
+        generator: torch.Generator | None = ...,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def generate(
+        self,
+        prompt_ids: str,
+        max_new_tokens: int,
+        temperature: float = ...,
+        top_k: int | None = ...,
+        generator: torch.Generator | None = ...,
+    ) -> str: ...
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor | str,
+        max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | str:
         """Continue ``prompt_ids`` by ``max_new_tokens`` tokens, with a KV cache.
 
         Runs in eval mode (the previous mode is restored). Past ``max_seq_len`` positions the
         context is the last ``max_seq_len`` tokens, recomputed each step without the cache.
 
         Args:
-            prompt_ids: (B, T0) or (T0,) token ids, T0 >= 1.
+            prompt_ids: (B, T0) or (T0,) token ids, T0 >= 1; or a text, encoded with
+                ``self.tokenizer`` (set by ``from_pretrained`` when the folder holds one, and by
+                the Trainer for the tokenizer of its data).
             max_new_tokens: tokens to append.
             temperature: 0 picks the argmax (greedy); > 0 samples from softmax(logits / t).
             top_k: sample only among the k likeliest tokens.
             generator: random source of the samples (on the model's device).
 
         Returns:
-            (B, T0 + max_new_tokens), or (T0 + max_new_tokens,) for a 1-d prompt.
+            (B, T0 + max_new_tokens), or (T0 + max_new_tokens,) for a 1-d prompt; for a text,
+            the text followed by its continuation, up to the first end-of-text token.
         """
+        if isinstance(prompt_ids, str):
+            return self._generate_text(prompt_ids, max_new_tokens, temperature, top_k, generator)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         if prompt_ids.dim() not in (1, 2) or prompt_ids.shape[-1] == 0:
@@ -252,6 +285,32 @@ class APTModel(nn.Module):
         finally:
             self.train(was_training)
         return idx.view(-1) if prompt_ids.dim() == 1 else idx
+
+    def _generate_text(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> str:
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise ValueError(
+                "generate() got a text but this model has no tokenizer: pass token ids, or "
+                "set model.tokenizer (a model saved by a Trainer run, or loaded with "
+                "from_pretrained from a folder holding apt_tokenizer.json, has one)"
+            )
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("generate() got an empty prompt; give at least one character")
+        device = self.embed_tokens.weight.device
+        prompt_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        out = self.generate(prompt_ids, max_new_tokens, temperature, top_k, generator)
+        new = out[len(ids) :].tolist()
+        if tokenizer.eos_id in new:
+            new = new[: new.index(tokenizer.eos_id)]
+        return prompt + tokenizer.decode(new)
 
     def _last_logits(
         self, ids: torch.Tensor, caches: list[KVCache] | None, start: int

@@ -1,4 +1,5 @@
-"""``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors`` in a folder.
+"""``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors`` in a folder,
+and the model's tokenizer beside them when it has one (``apt_tokenizer.json``, ``tokenizer.json``).
 
 Nothing is unpickled: the config is JSON validated by :class:`ModelConfig`, the weights are
 safetensors. Tied tensors are written once and restored to every name that shares them.
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from apt.core.config.model import ModelConfig
 from apt.core.errors import CheckpointError
 from apt.core.files import apply_umask
+from apt.model.tokenizers import load_tokenizer, save_tokenizer
 
 if TYPE_CHECKING:
     from apt.model.architectures.apt_model import APTModel
@@ -112,6 +114,8 @@ def save_pretrained(
     _write_atomic(
         out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
     )
+    if model.tokenizer is not None:
+        save_tokenizer(model.tokenizer, out)
     return out
 
 
@@ -152,7 +156,7 @@ def _read_config(path: Path) -> ModelConfig:
         ) from None
     assert data is not None
     try:
-        return ModelConfig.model_validate(json.loads(data))
+        config = ModelConfig.model_validate(json.loads(data))
     except RecursionError:
         raise CheckpointError(
             f"{path} is not a valid model config (nested too deeply to parse). Re-save the "
@@ -164,12 +168,20 @@ def _read_config(path: Path) -> ModelConfig:
             f"{path} is not a valid model config ({detail}). Re-save the model with "
             "model.save_pretrained(dir), or restore the file from a backup."
         ) from None
+    if config.vocab_size == "auto":
+        raise CheckpointError(
+            f"{path}: vocab_size is 'auto', which a saved model cannot be (its embedding has a "
+            "size). Write the number of rows of model.safetensors' embed_tokens.weight there."
+        )
+    return config
 
 
 def config_parameters(config: ModelConfig) -> int:
     """The parameters the model of ``config`` has, each shared tensor counted once (align
     reference copies, buffers and switch flags are not counted): a lower bound on the values
     its ``model.safetensors`` stores. Computed from the sizes, without building anything."""
+    if config.vocab_size == "auto":
+        raise ValueError("model.vocab_size: auto has no size yet; resolve it first")
     D, V, F = config.hidden_size, config.vocab_size, config.mlp_hidden_size
     Dh = D // config.num_heads
     attention = 2 * D * config.num_heads * Dh + 2 * D * config.kv_heads * Dh  # q, o; k, v
@@ -318,6 +330,7 @@ def load_pretrained(
     model = cls(config)
     load_weights(model, state, folder / WEIGHTS_NAME)
     _warn_non_finite(state, folder / WEIGHTS_NAME)
+    model.tokenizer = load_tokenizer(folder)
     if device is not None:
         model.to(device)
     return model

@@ -19,6 +19,7 @@ from apt.core.config import ArtifactsConfig
 from apt.core.errors import ConfigError
 from apt.core.logs import RunFileHandler, attach_file_log, detach_file_log
 from apt.core.redact import redact, redact_mapping
+from apt.model.tokenizers import Tokenizer, save_tokenizer
 from apt.trainops.artifacts.environment import describe_environment
 from apt.trainops.artifacts.errors import RunFolderError
 from apt.trainops.artifacts.export import write_model
@@ -259,6 +260,22 @@ class ArtifactManager:
             self._write_text(
                 "provenance.json", json.dumps(redact_mapping(provenance), indent=2, sort_keys=True)
             )
+
+    def save_tokenizer(self, tokenizer: Tokenizer) -> Path | None:
+        """Write the run's tokenizer into ``<run>/tokenizer/`` (rewritten at each start, so an
+        interrupted write is repaired by the next one); ``from_pretrained``-style loading:
+        :func:`apt.model.tokenizers.load_tokenizer`. Returns the folder (None on other ranks).
+
+        Raises:
+            RunFolderError: the run folder cannot be written.
+        """
+        if not self.is_main:
+            return None
+        self.prepare()
+        try:
+            return save_tokenizer(tokenizer, self.run_dir / "tokenizer")
+        except OSError as exc:
+            raise self._unusable(exc) from None
 
     def save_environment(self, extra: dict[str, Any] | None = None) -> Path | None:
         """Write ``env.json``: what the run runs on

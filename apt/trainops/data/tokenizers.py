@@ -1,27 +1,31 @@
 """Tokenizers, chosen by ``data.tokenizer`` through :data:`TOKENIZERS`.
 
-Only the byte-level tokenizer ships today: it needs no download and no training, so the quickstart
-runs anywhere. Another tokenizer plugs in by implementing :class:`Tokenizer` and registering a
-factory under a new name.
+``byte`` (the default: UTF-8 bytes, nothing to train or download), ``bpe`` (a byte-level BPE
+``tokenizer.json`` trained by ``python -m apt data tokenizer``) and ``hf`` (any ``tokenizer.json``
+or Hugging Face tokenizer folder already on disk). The classes live in
+:mod:`apt.model.tokenizers` because they travel with the model; another tokenizer plugs in by
+implementing :class:`Tokenizer` and registering a factory under a new name.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import numpy as np
 import torch
+from pydantic import Field
 
 from apt.core.config import TokenizerSpec, validate_options
 from apt.core.config.base import Section
 from apt.core.errors import DataError
 from apt.core.registry import Registry
+from apt.model.tokenizers import ByteTokenizer, JSONTokenizer, Tokenizer, token_dtype
 
 __all__ = [
     "TOKENIZERS",
     "ByteTokenizer",
+    "JSONTokenizer",
     "Tokenizer",
     "build_tokenizer",
     "count_token_bytes",
@@ -31,108 +35,38 @@ __all__ = [
 ]
 
 
-@runtime_checkable
-class Tokenizer(Protocol):
-    """What the data pipeline needs from a tokenizer.
+class TokenizerFileOptions(Section):
+    """Options of the ``bpe`` and ``hf`` tokenizers."""
 
-    Attributes:
-        name: the registry name (``data.tokenizer``); part of the token-cache key.
-        vocab_size: number of distinct ids; ids are ``0 .. vocab_size - 1``.
-        eos_id: the id appended after every document when documents are packed together.
-    """
-
-    name: str
-    vocab_size: int
-    eos_id: int
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``."""
-        ...
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """Token ids of ``text`` as a 1-D array of :func:`token_dtype` ``(vocab_size)``."""
-        ...
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; ids that cannot be decoded become U+FFFD, never an exception."""
-        ...
+    path: str = Field(description="A tokenizer.json, or a folder holding one.")
+    eos_token: str | None = Field(
+        None,
+        description="The end-of-text token (None: <|endoftext|>, </s>, <|end_of_text|>, <eos>, "
+        "<|im_end|> or [SEP], the first the vocabulary has).",
+    )
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned integer dtype that holds every id of a ``vocab_size`` vocabulary."""
-    if vocab_size <= 1 << 8:
-        return np.dtype(np.uint8)
-    if vocab_size <= 1 << 16:
-        return np.dtype(np.uint16)
-    return np.dtype(np.uint32)
+def _file_tokenizer(kind: str) -> Callable[..., Tokenizer]:
+    def build(path: str, eos_token: str | None = None) -> Tokenizer:
+        return JSONTokenizer(path, kind=kind, eos_token=eos_token)
 
-
-class ByteTokenizer:
-    """UTF-8 byte-level tokenizer: one id per byte, 256 ids, no special tokens.
-
-    ``eos_id`` is byte 0 (NUL), which does not occur in ordinary text; packing appends it after
-    every document so the model sees where one file ends and the next begins.
-
-    >>> tok = ByteTokenizer()
-    >>> tok.encode("hé")
-    [104, 195, 169]
-    >>> tok.decode([104, 195, 169])
-    'hé'
-    """
-
-    name = "byte"
-    vocab_size = 256
-    eos_id = 0
-
-    def encode(self, text: str) -> list[int]:
-        """The UTF-8 bytes of ``text`` as a list of ints in ``0..255``."""
-        return list(text.encode("utf-8"))
-
-    def encode_array(self, text: str) -> np.ndarray:
-        """The UTF-8 bytes of ``text`` as a ``uint8`` array (no copy of the bytes object)."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        """Decode ids back to text.
-
-        Invalid UTF-8 sequences, and ids outside ``0..255`` (a model with a larger vocabulary
-        than the tokenizer can sample them), become U+FFFD instead of raising.
-        """
-        values = np.asarray(ids if hasattr(ids, "__array__") else list(ids), dtype=np.int64)
-        values = values.reshape(-1)
-        if values.size == 0:
-            return ""
-        valid = (values >= 0) & (values < 256)
-        if valid.all():
-            return values.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-        # Decode each run of valid bytes separately so an out-of-range id never glues the bytes
-        # around it into a character they do not form.
-        parts: list[str] = []
-        run: list[int] = []
-        for value, ok in zip(values.tolist(), valid.tolist(), strict=True):
-            if ok:
-                run.append(value)
-                continue
-            parts.append(bytes(run).decode("utf-8", errors="replace"))
-            parts.append("\ufffd")
-            run = []
-        parts.append(bytes(run).decode("utf-8", errors="replace"))
-        return "".join(parts)
-
-    def __repr__(self) -> str:
-        return "ByteTokenizer(vocab_size=256)"
+    build.Options = TokenizerFileOptions  # type: ignore[attr-defined]
+    build.__doc__ = f"The {kind!r} tokenizer read from a tokenizer.json."
+    return build
 
 
 #: Tokenizer factories by ``data.tokenizer`` name. A miss lists the valid names.
-TOKENIZERS: Registry[Callable[[], Tokenizer]] = Registry("tokenizer")
+TOKENIZERS: Registry[Callable[..., Tokenizer]] = Registry("tokenizer")
 TOKENIZERS.register("byte")(ByteTokenizer)
+TOKENIZERS.register("bpe")(_file_tokenizer("bpe"))
+TOKENIZERS.register("hf")(_file_tokenizer("hf"))
 
 
 class _NoOptions(Section):
     """A tokenizer without options."""
 
 
-def build_tokenizer(spec: TokenizerSpec | str) -> Tokenizer:
+def build_tokenizer(spec: TokenizerSpec | str | Mapping[str, Any]) -> Tokenizer:
     """Build the tokenizer ``spec`` names (``data.tokenizer``), with its options.
 
     A registered factory takes its options as keywords; its ``Options`` attribute (a config

@@ -17,7 +17,7 @@ from apt.core.errors import CheckpointError, ConfigError
 from apt.core.logs import install_console_logging
 from apt.trainops.artifacts import ArtifactManager, ExportError, RunFolderError, is_inside
 from apt.trainops.checkpoints.layout import committed_dirs
-from apt.trainops.data.tokenizers import build_tokenizer, token_byte_lengths
+from apt.trainops.data.tokenizers import Tokenizer, build_tokenizer, token_byte_lengths
 from apt.trainops.distributed import (
     RankSums,
     SideChannel,
@@ -44,6 +44,7 @@ from apt.trainops.engine.precision import make_autocast, make_grad_scaler, seed_
 from apt.trainops.engine.signals import graceful_exit
 from apt.trainops.engine.state import TrainState
 from apt.trainops.engine.tasks import TrainingTask, build_task
+from apt.trainops.engine.vocab import fit_vocab_size
 from apt.trainops.eval import Evaluator
 from apt.trainops.monitoring import (
     build_monitor,
@@ -172,7 +173,15 @@ class Trainer:
             if any(keywords.get(k) is not None for k in LENGTH_KEYWORDS):
                 defaults = {k: v for k, v in defaults.items() if k not in LENGTH_KEYWORDS}
             keywords = {**defaults, **keywords}
-        self.config = cfg = config_with_keywords(config, keywords)
+        cfg = config_with_keywords(config, keywords)
+        # The tokenizer of the config's data (or of vocab_size: auto): it sizes the model,
+        # counts val_bpb, and travels with the model and the run folder.
+        own_data = train_dataloader is None and train_dataset is None
+        self.tokenizer: Tokenizer | None = None
+        if own_data or cfg.model.vocab_size == "auto":
+            self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+            cfg = fit_vocab_size(cfg, self.tokenizer)
+        self.config = cfg
         tcfg = cfg.training
         self.env = env = setup_distributed(
             tcfg.distributed.backend,
@@ -232,6 +241,9 @@ class Trainer:
         _warn_if_made_for_gpus(tcfg, raw_model, env.device)
         # Before the strategy wraps or shards it: FP8 swaps nn.Linear modules.
         self.float8_layers = apply_float8(raw_model, tcfg.float8, env.device)
+        if self.tokenizer is not None and getattr(raw_model, "tokenizer", False) is None:
+            # An APT model without a tokenizer gets the data's: its exports carry it.
+            setattr(raw_model, "tokenizer", self.tokenizer)  # noqa: B010 (typed nn.Module)
         self.strategy = build_strategy(tcfg.distributed, env=env, precision=tcfg.precision)
         # One gloo channel for the loop's host sums, one for checkpoint coordination (the
         # async writer thread): collectives from two threads must not share a group.
@@ -259,8 +271,8 @@ class Trainer:
         own_data = own_eval_data and train_dataloader is None and train_dataset is None
         counts_bytes = hasattr(self.task, "count_target_bytes")  # causal_lm; not regression
         self._token_bytes = (
-            token_byte_lengths(build_tokenizer(cfg.data.tokenizer))
-            if own_data and counts_bytes
+            token_byte_lengths(self.tokenizer)
+            if own_data and counts_bytes and self.tokenizer is not None
             else None
         )
         self.plan = plan_loop(tcfg, cfg.eval, batches=_length(self.train_loader))
@@ -508,6 +520,8 @@ class Trainer:
                     # Only a run that trains records its config: a refused or finished rerun
                     # leaves the run folder as it was.
                     self.artifacts.save_config(self.config.to_dict(), self.config.provenance)
+                    if self.tokenizer is not None:
+                        self.artifacts.save_tokenizer(self.tokenizer)
                     self.artifacts.save_environment(
                         {"world_size": self.env.world_size, "device": str(self.device)}
                     )

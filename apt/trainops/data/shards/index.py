@@ -44,7 +44,7 @@ __all__ = [
 
 INDEX_FILE = "index.json"
 #: Name and version of the format; bump the version when a reader would misread older folders.
-SHARD_FORMAT = {"name": "apt-token-shards", "version": 1}
+SHARD_FORMAT: dict[str, Any] = {"name": "apt-token-shards", "version": 1}
 
 
 @dataclass(frozen=True)
