@@ -1,4 +1,5 @@
-"""Data: corpus files -> tokens -> packed sequences -> a resumable, rank-aware DataLoader.
+"""Data: corpus files (or prepared token shards) -> packed sequences -> a resumable, rank-aware
+DataLoader.
 
 >>> from apt.core.config import DataConfig
 >>> bundle = build_datasets(DataConfig(max_corpus_bytes=200_000))     # doctest: +SKIP
@@ -7,11 +8,12 @@
 See ``docs/data.md`` for the corpus sources, the split, packing, the sampler and the cache.
 """
 
-from apt.trainops.data.build import DataBundle, build_datasets
+from apt.trainops.data.build import DataBundle, build_datasets, data_tokenizer
 from apt.trainops.data.corpus import CorpusFile, python_stdlib_files, read_documents, resolve_files
 from apt.trainops.data.loader import create_dataloader, seed_worker
 from apt.trainops.data.packing import CorpusStats, PackedDataset, tokenize_documents
 from apt.trainops.data.sampler import ResumableSampler
+from apt.trainops.data.shards.dataset import ShardDataset
 from apt.trainops.data.split import split_caps, split_files
 from apt.trainops.data.tokenizers import (
     TOKENIZERS,
@@ -29,10 +31,12 @@ __all__ = [
     "DataBundle",
     "PackedDataset",
     "ResumableSampler",
+    "ShardDataset",
     "Tokenizer",
     "build_datasets",
     "build_tokenizer",
     "create_dataloader",
+    "data_tokenizer",
     "python_stdlib_files",
     "read_documents",
     "resolve_files",

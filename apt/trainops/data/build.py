@@ -1,4 +1,10 @@
-"""``build_datasets``: a ``data:`` config section -> packed train and validation datasets."""
+"""``build_datasets``: a ``data:`` config section -> packed train and validation datasets.
+
+A text source (``python_stdlib``, ``files``) is read, split, tokenized and packed here; a shard
+source (``{kind: shards, path: DIR}``) was all that when it was prepared, and is memory-mapped
+(:class:`~apt.trainops.data.shards.dataset.ShardDataset`), with the tokenizer its
+``index.json`` records.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from apt.core.config.data import DataConfig
-from apt.core.errors import DataError
+from apt.core.config import TokenizerSpec
+from apt.core.config.data import DataConfig, ShardSource
+from apt.core.errors import ConfigError, DataError
 from apt.trainops.data.cache import cache_key, load_tokens, save_tokens
 from apt.trainops.data.corpus import CorpusFile, read_documents, resolve_files, stdlib_corpus
 from apt.trainops.data.packing import (
@@ -19,10 +26,19 @@ from apt.trainops.data.packing import (
     num_sequences,
     tokenize_documents,
 )
+from apt.trainops.data.shards.dataset import ShardDataset
+from apt.trainops.data.shards.index import INDEX_FILE, ShardIndex, read_index
 from apt.trainops.data.split import split_caps, split_files
-from apt.trainops.data.tokenizers import Tokenizer, build_tokenizer, token_dtype
+from apt.trainops.data.tokenizers import (
+    Tokenizer,
+    build_tokenizer,
+    token_dtype,
+    tokenizer_fingerprint,
+)
 
-__all__ = ["DataBundle", "build_datasets"]
+__all__ = ["DataBundle", "build_datasets", "data_tokenizer"]
+
+_SOURCE_KEY = "data.source.path"
 
 
 @dataclass(frozen=True)
@@ -30,18 +46,20 @@ class DataBundle:
     """What :func:`build_datasets` returns.
 
     Attributes:
-        train: packed training sequences.
-        val: packed validation sequences.
+        train: packed training sequences (a :class:`ShardDataset` for a shard source).
+        val: packed validation sequences (likewise).
         tokenizer: the tokenizer both were encoded with (for decoding samples).
         description: one line for the run log (source, files, tokens, sequences, cache).
-        train_stats: counts of the training side.
+        train_stats: counts of the training side (a shard source: ``files`` counts shards and
+            ``bytes`` is 0, since an index does not record the text bytes of a split).
         val_stats: counts of the validation side.
-        train_files: the files of the training side, sorted (a byte cap may stop reading early).
+        train_files: the files of the training side, sorted (a byte cap may stop reading early;
+            a shard source: its shard files, in stream order).
         val_files: the files of the validation side, sorted.
     """
 
-    train: PackedDataset
-    val: PackedDataset
+    train: PackedDataset | ShardDataset
+    val: PackedDataset | ShardDataset
     tokenizer: Tokenizer
     description: str
     train_stats: CorpusStats
@@ -146,6 +164,101 @@ def _describe(
     )
 
 
+def _spec_text(spec: TokenizerSpec) -> str:
+    """``byte``, or ``{kind: bpe, path: x}`` for a spec with options."""
+    if not spec.options:
+        return spec.kind
+    options = ", ".join(f"{key}: {value}" for key, value in sorted(spec.options.items()))
+    return f"{{kind: {spec.kind}, {options}}}"
+
+
+def _shard_tokenizer(cfg: DataConfig, folder: Path, index: ShardIndex) -> Tokenizer:
+    """The tokenizer ``index`` records, or ``cfg.tokenizer`` when the user chose one that makes
+    the same ids (same fingerprint)."""
+    recorded = TokenizerSpec.model_validate(index.tokenizer.spec)
+    where = folder / INDEX_FILE
+    if cfg.tokenizer != TokenizerSpec():  # chosen by the user, not left at the default
+        chosen = build_tokenizer(cfg.tokenizer)
+        if tokenizer_fingerprint(chosen) != index.tokenizer.fingerprint:
+            raise ConfigError(
+                f"data.tokenizer: {_spec_text(cfg.tokenizer)} (fingerprint "
+                f"{tokenizer_fingerprint(chosen)[:12]}) is not the tokenizer the shards in "
+                f"{folder} were made with: {_spec_text(recorded)} (fingerprint "
+                f"{index.tokenizer.fingerprint[:12]}, {where}). To fix: remove data.tokenizer "
+                "from the config (a shard source uses the tokenizer of its index), or prepare "
+                "the folder again with the tokenizer you want."
+            )
+        return chosen
+    try:
+        tokenizer = build_tokenizer(recorded)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: the shards' tokenizer cannot be built here: {exc}") from None
+    if tokenizer_fingerprint(tokenizer) != index.tokenizer.fingerprint:
+        raise DataError(
+            f"{where}: the shards were made with tokenizer {_spec_text(recorded)} of "
+            f"fingerprint {index.tokenizer.fingerprint[:12]}; built here it has fingerprint "
+            f"{tokenizer_fingerprint(tokenizer)[:12]} (its vocabulary or options changed), so "
+            "the ids would mean other text. To fix: restore that tokenizer, or prepare the "
+            "folder again."
+        )
+    return tokenizer
+
+
+def data_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer the data of ``cfg`` is encoded with: ``cfg.tokenizer``; for a shard source,
+    the one its ``index.json`` records (``cfg.tokenizer`` left at its default), or
+    ``cfg.tokenizer`` when it has the same fingerprint. For ``val_bpb`` and for decoding.
+
+    Raises:
+        ConfigError: an unregistered tokenizer, or a ``cfg.tokenizer`` that is not the shards'.
+        DataError: the shard folder or its index is missing or unreadable, or the recorded
+            tokenizer now builds with another fingerprint.
+    """
+    if isinstance(cfg.source, ShardSource):
+        folder = Path(cfg.source.path).expanduser()
+        return _shard_tokenizer(cfg, folder, read_index(folder, key=_SOURCE_KEY))
+    return build_tokenizer(cfg.tokenizer)
+
+
+def _shard_bundle(cfg: DataConfig, source: ShardSource, seq_len: int) -> DataBundle:
+    folder = Path(source.path).expanduser()
+    index = read_index(folder, key=_SOURCE_KEY)
+    tokenizer = _shard_tokenizer(cfg, folder, index)
+    train = ShardDataset(folder, "train", seq_len, index=index, key=_SOURCE_KEY)
+    val = ShardDataset(folder, "val", seq_len, index=index, key=_SOURCE_KEY)
+    stats = {
+        side: CorpusStats(
+            files=len(data.files),
+            documents=index.splits[side].documents,
+            bytes=0,
+            tokens=data.num_tokens,
+        )
+        for side, data in (("train", train), ("val", val))
+    }
+    parts = [
+        f"{side} {len(data.files)} shards / {stats[side].documents} docs / "
+        f"{data.num_tokens:,} tokens -> {len(data):,} seqs"
+        for side, data in (("train", train), ("val", val))
+    ]
+    shown = cfg.tokenizer  # the user's (checked), or the index's when left at the default
+    if shown == TokenizerSpec():
+        shown = TokenizerSpec.model_validate(index.tokenizer.spec)
+    description = (
+        f"data shards {folder} ({index.dtype}), tokenizer {_spec_text(shown)} "
+        f"({tokenizer.vocab_size}), seq_len {seq_len}: " + "; ".join(parts)
+    )
+    return DataBundle(
+        train=train,
+        val=val,
+        tokenizer=tokenizer,
+        description=description,
+        train_stats=stats["train"],
+        val_stats=stats["val"],
+        train_files=tuple(folder / name for name in train.files),
+        val_files=tuple(folder / name for name in val.files),
+    )
+
+
 def build_datasets(cfg: DataConfig, *, seq_len: int | None = None) -> DataBundle:
     """Read, split, tokenize and pack the corpus ``cfg`` describes.
 
@@ -155,17 +268,22 @@ def build_datasets(cfg: DataConfig, *, seq_len: int | None = None) -> DataBundle
             context length when it is the shorter of the two.)
 
     Returns:
-        The train and validation datasets, the tokenizer and a one-line description.
+        The train and validation datasets, the tokenizer and a one-line description. A shard
+        source gives :class:`ShardDataset` windows of its ``train`` and ``val`` splits.
 
     Raises:
         DataError: no files matched, a file is unreadable or malformed, a side is too small
             for one sequence, or the cache folder is not writable; the message says which file
-            (and line) and what to change.
-        ConfigError: ``cfg.tokenizer`` is not a registered tokenizer.
+            (and line) and what to change. A shard source: no folder or ``index.json``, no
+            ``val`` split, a shard missing or of the wrong size.
+        ConfigError: ``cfg.tokenizer`` is not a registered tokenizer, or (shard source) not
+            the tokenizer the shards were made with.
     """
     seq_len = cfg.seq_len if seq_len is None else seq_len
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if isinstance(cfg.source, ShardSource):
+        return _shard_bundle(cfg, cfg.source, seq_len)
     tokenizer = build_tokenizer(cfg.tokenizer)
     train_files, val_files = _corpus_files(cfg)
     train_cap, val_cap = split_caps(cfg.max_corpus_bytes, cfg.val_fraction)

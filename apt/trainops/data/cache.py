@@ -3,7 +3,9 @@
 An entry is two files, ``<side>-<key>.npy`` (the tokens) and ``<side>-<key>.json`` (its stats).
 Both are written to a temporary name and renamed into place, the JSON last: an entry without its
 JSON is debris from an interrupted write and is rebuilt. Any change to the file list, a file's
-size or mtime, the tokenizer, ``seq_len``, the text field or the byte cap gives a new key.
+size or mtime, the tokenizer (its :func:`~apt.trainops.data.tokenizers.tokenizer_fingerprint`:
+a BPE tokenizer with another vocabulary file is another tokenizer, whatever its name),
+``seq_len``, the text field or the byte cap gives a new key.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import numpy as np
 from apt.core.errors import DataError
 from apt.trainops.data.corpus import CorpusFile
 from apt.trainops.data.packing import CorpusStats
-from apt.trainops.data.tokenizers import Tokenizer
+from apt.trainops.data.tokenizers import Tokenizer, tokenizer_fingerprint
 
 __all__ = ["CACHE_FORMAT", "cache_key", "load_tokens", "save_tokens"]
 
 log = logging.getLogger(__name__)
 
 #: Bump when the token stream a given key produces changes (packing, separators, readers).
+#: (Keying on the tokenizer's fingerprint instead of its name needed no bump: it changed every
+#: key, so no entry of the name-keyed cache is ever read as one of the new.)
 CACHE_FORMAT = 1
 
 
@@ -49,7 +53,7 @@ def cache_key(
     digest = hashlib.sha256()
     header = {
         "format": CACHE_FORMAT,
-        "tokenizer": tokenizer.name,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id,
         "seq_len": seq_len,

@@ -17,7 +17,8 @@ from apt.core.errors import CheckpointError, ConfigError
 from apt.core.logs import install_console_logging
 from apt.trainops.artifacts import ArtifactManager, ExportError, RunFolderError, is_inside
 from apt.trainops.checkpoints.layout import committed_dirs
-from apt.trainops.data.tokenizers import Tokenizer, build_tokenizer, token_byte_lengths
+from apt.trainops.data.build import data_tokenizer
+from apt.trainops.data.tokenizers import Tokenizer, token_byte_lengths
 from apt.trainops.distributed import (
     RankSums,
     SideChannel,
@@ -179,7 +180,7 @@ class Trainer:
         own_data = train_dataloader is None and train_dataset is None
         self.tokenizer: Tokenizer | None = None
         if own_data or cfg.model.vocab_size == "auto":
-            self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+            self.tokenizer = data_tokenizer(cfg.data)
             cfg = fit_vocab_size(cfg, self.tokenizer)
         self.config = cfg
         tcfg = cfg.training
@@ -591,12 +592,68 @@ class Finetuner(Trainer):
 
 
 class PreTrainer(Trainer):
-    """A Trainer with pre-training defaults (``learning_rate=6e-4``); ``pretrain()`` trains."""
+    """A Trainer with pre-training defaults (``learning_rate=6e-4``); ``pretrain()`` trains.
+
+    >>> PreTrainer(data_path="data/shards", max_steps=1000).pretrain()    # doctest: +SKIP
+    >>> PreTrainer.from_config(load_profile("pretrain")).pretrain()       # doctest: +SKIP
+
+    ``data_path`` names a folder of token shards (``python -m apt data prepare``): it sets
+    ``data.source: {kind: shards, path: data_path}`` on ``config`` (default: the schema's
+    defaults under this trainer's keyword defaults) and drops the keys that describe reading
+    text (:data:`~apt.core.config.data.TEXT_SOURCE_KEYS`); the model (``config``'s, or yours)
+    trains with the config's task, ``causal_lm`` by default. A config whose source is shards
+    already needs no ``data_path``.
+
+    With a shard source the tokenizer is the one the folder's ``index.json`` records (as for
+    any Trainer): the model is sized (``vocab_size: auto``) and checked against it, ``val_bpb``
+    counts its bytes, and the run folder and the exported model carry it.
+
+    Args:
+        model: your model; default: built from ``config.model``.
+        data_path: a prepared shard folder; None: the data ``config`` describes.
+        config: a validated :class:`APTConfig`.
+        **kwargs: what :class:`Trainer` takes (datasets, loaders, callbacks, keywords).
+
+    Raises:
+        ConfigError: ``model.vocab_size`` is smaller than the shards' vocabulary, or the
+            config with ``data_path`` is invalid.
+        DataError: the shard folder, its ``index.json`` or a shard is missing or damaged.
+    """
 
     keyword_defaults: ClassVar[dict[str, Any]] = {
         "learning_rate": 6e-4,
         "experiment_name": "pretrain",
     }
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        data_path: str | Path | None = None,
+        config: APTConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if data_path is not None:
+            if config is None:
+                defaults = dict(self.keyword_defaults)
+                if any(kwargs.get(k) is not None for k in LENGTH_KEYWORDS):
+                    defaults = {k: v for k, v in defaults.items() if k not in LENGTH_KEYWORDS}
+                config = config_with_keywords(None, defaults)  # as Trainer would apply them
+            config = self._reading_shards(config, {"kind": "shards", "path": str(data_path)})
+        super().__init__(model, config=config, **kwargs)
+
+    @staticmethod
+    def _reading_shards(config: APTConfig, source: dict[str, str]) -> APTConfig:
+        """``config`` with ``data.source`` set to ``source``; the keys that describe text are
+        dropped (the schema refuses them beside a shard source)."""
+        from apt.core.config import config_from_dict
+        from apt.core.config.data import TEXT_SOURCE_KEYS
+
+        data = config.model_dump(mode="json")
+        for key in TEXT_SOURCE_KEYS:
+            data["data"].pop(key, None)  # they describe text; the schema's defaults apply
+        data["data"]["source"] = source
+        return config_from_dict(data, source=f"PreTrainer(data_path={source['path']!r})")
 
     def pretrain(self) -> TrainResult:
         """Pre-train (the same loop as :meth:`Trainer.train`)."""

@@ -19,7 +19,8 @@ def test_every_field_of_the_schema_is_classified() -> None:
 def test_the_critical_keys() -> None:
     critical = {key for key, verdict in field_classes(APTConfig) if verdict == "critical"}
     assert {k for k in critical if not k.startswith("model.")} == {
-        "data.source",
+        "data.source.kind",  # a mapping source ({kind: shards, path}); a name: data.source
+        "data.source.path",
         "data.train_files",
         "data.val_files",
         "data.text_field",
@@ -43,6 +44,7 @@ def test_the_critical_keys() -> None:
     ("key", "critical"),
     [
         ("model.moe", True),  # a section switched on or off
+        ("data.source", True),  # a source by name (python_stdlib, files)
         ("training.optimizer.kind", True),
         ("training.optimizer.momentum", False),  # a key of one union member only
         ("training.task.beta", True),  # a task's own option

@@ -106,14 +106,27 @@ def test_task_contract(kind: str) -> None:
         build_task(TaskSpec(kind=kind, bogus_option=1))
 
 
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small byte-level BPE tokenizer.json, for the tokenizers that read one."""
+    from apt.trainops.data import python_stdlib_files
+    from apt.trainops.data.bpe import train_bpe
+
+    folder = tmp_path_factory.mktemp("bpe")
+    for i, path in enumerate(python_stdlib_files()[:10]):
+        (folder / f"{i}.txt").write_text(path.read_text(encoding="utf-8", errors="replace"))
+    return str(train_bpe([str(folder / "*.txt")], vocab_size=400, output=folder / "tok"))
+
+
 @pytest.mark.parametrize("kind", TOKENIZERS.names())
-def test_tokenizer_contract(kind: str) -> None:
-    tokenizer = build_tokenizer(TokenizerSpec(kind=kind))
+def test_tokenizer_contract(kind: str, tokenizer_file: str) -> None:
+    options = {"path": tokenizer_file} if kind in ("bpe", "hf") else {}
+    tokenizer = build_tokenizer(TokenizerSpec(kind=kind, **options))
     text = "def main():\n    return 'héllo'  # ünïcode\n"
     assert tokenizer.decode(tokenizer.encode(text)) == text
     assert max(tokenizer.encode(text)) < tokenizer.vocab_size
     with pytest.raises(ConfigError, match=r"data\.tokenizer\.bogus_option: unknown option"):
-        build_tokenizer({"kind": kind, "bogus_option": 1})  # type: ignore[arg-type]
+        build_tokenizer({"kind": kind, "bogus_option": 1, **options})
 
 
 @pytest.mark.parametrize("name", CALLBACKS.names())
