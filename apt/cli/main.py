@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from apt.cli.console import guard_console
+from apt.cli.data_cmd import add_data_parser, cmd_data
 from apt.cli.eval_cmd import add_eval_parser, cmd_eval
+from apt.cli.export_cmd import add_export_parser, cmd_export
 from apt.cli.inspect_cmds import cmd_config, cmd_profiles, cmd_tasks
 from apt.cli.train_cmds import cmd_launch, cmd_train
 from apt.core.errors import APTError, ConfigError, DistributedError
@@ -110,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the apt command every process runs (train --profile ...)",
     )
     add_eval_parser(sub)
+    add_data_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
@@ -120,6 +124,8 @@ _COMMANDS = {
     "tasks": cmd_tasks,
     "launch": cmd_launch,
     "eval": cmd_eval,
+    "data": cmd_data,
+    "export": cmd_export,
 }
 
 
