@@ -132,6 +132,12 @@ class DataConfig(Section):
         json_schema_extra=FREE,
     )
     shuffle: bool = Field(True, description="Shuffle sequences each epoch (seeded).")
+    document_mask: bool = Field(
+        False,
+        description="Keep attention inside document boundaries of packed sequences (and restart "
+        "positions at each document); source {kind: shards} only. The model must take "
+        "document_ids (APT models do). Costs speed: attention runs with a mask.",
+    )
 
     @field_validator("source", mode="before")
     @classmethod
@@ -157,6 +163,11 @@ class DataConfig(Section):
     def _files_given(self) -> DataConfig:
         if self.source == "files" and not self.train_files:
             raise ValueError("source 'files' needs train_files (a list of paths or globs)")
+        if self.document_mask and not isinstance(self.source, ShardSource):
+            raise ValueError(
+                "document_mask needs source {kind: shards, path: DIR}: the document boundaries "
+                "come from a prepared folder (python -m apt data prepare)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -49,6 +49,19 @@ _M = TypeVar("_M", bound="APTModel")
 _RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
 
 
+def _document_layout(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) document ids -> each token's position inside its document (B, T) and the
+    block-causal attention mask (B, 1, T, T), True where a query may attend."""
+    B, T = document_ids.shape
+    index = torch.arange(T, device=document_ids.device).expand(B, T)
+    first = torch.ones_like(document_ids, dtype=torch.bool)
+    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    starts = torch.where(first, index, torch.zeros_like(index)).cummax(dim=1).values
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return index - starts, (same & causal)[:, None]
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: attention then a (dense or MoE) SwiGLU feed-forward."""
 
@@ -72,8 +85,9 @@ class Block(nn.Module):
         sin: torch.Tensor,  # (T, Dh/2)
         cache: KVCache | None = None,
         start: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start))
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start, mask))
         h = self.mlp_norm(x)  # (B, T, D)
         aux = None
         if isinstance(self.mlp, MoEFeedForward):
@@ -130,20 +144,36 @@ class APTModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _trunk(
-        self, input_ids: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0
+        self,
+        input_ids: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        start: int = 0,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[MoEAux]]:
-        """(B, T) token ids at positions ``start..`` -> final-normed hidden states (B, T, D)."""
+        """(B, T) token ids at positions ``start..`` -> final-normed hidden states (B, T, D).
+
+        ``document_ids`` (B, T): which document of a packed sequence each token belongs to
+        (non-decreasing along T). Attention then stays inside each document and positions
+        restart at each document's first token, so a packed sequence computes what its
+        documents would alone."""
         T = input_ids.shape[1]
         if start + T > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start + T} positions exceeds model.max_seq_len "
                 f"({self.config.max_seq_len}); shorten it or raise max_seq_len"
             )
-        cos, sin = self.rope(start, T)  # (T, Dh/2) each
+        mask = None
+        if document_ids is None:
+            cos, sin = self.rope(start, T)  # (T, Dh/2) each
+        else:
+            positions, mask = _document_layout(document_ids)  # (B, T), (B, 1, T, T)
+            cos = self.rope.cos[positions].unsqueeze(1)  # (B, 1, T, Dh/2)
+            sin = self.rope.sin[positions].unsqueeze(1)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         moe_aux: list[MoEAux] = []
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin, None if caches is None else caches[i], start)
+            cache = None if caches is None else caches[i]
+            x, aux = block(x, cos, sin, cache, start, mask)
             if aux is not None:
                 moe_aux.append(aux)
         return self.norm(x), moe_aux
@@ -154,6 +184,7 @@ class APTModel(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         return_logits: bool = True,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Next-token logits, and losses when ``targets`` are given.
 
@@ -165,6 +196,9 @@ class APTModel(nn.Module):
                 training step needs only the loss; under ``torch.compile`` the (B, T, V)
                 logits then never leave the compiled graph, which saves writing them out
                 (1.6 GiB in bf16 at B=16, T=1024, V=50304) and keeping them alive.
+            document_ids: (B, T) document of each token of a packed sequence (non-decreasing
+                along T): attention stays inside documents and positions restart at each
+                (``data.document_mask``). None: one causal sequence.
 
         Returns:
             A :class:`ModelOutput`; ``loss`` is what to backpropagate.
@@ -172,7 +206,7 @@ class APTModel(nn.Module):
         if self.align is not None and self.align.needs_reference:
             # Only after a direct model.align.enable(); kept out of any compiled graph.
             torch.compiler.disable(self._take_reference)()
-        h, moe_aux = self._trunk(input_ids)  # (B, T, D)
+        h, moe_aux = self._trunk(input_ids, document_ids=document_ids)  # (B, T, D)
         logits = self.lm_head(h)  # (B, T, V)
         aux_losses: dict[str, torch.Tensor] = {}
         stats: dict[str, torch.Tensor] = {}

@@ -73,10 +73,11 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, D)
-        cos: torch.Tensor,  # (T, Dh/2)
-        sin: torch.Tensor,  # (T, Dh/2)
+        cos: torch.Tensor,  # (T, Dh/2), or (B, 1, T, Dh/2) for per-sequence positions
+        sin: torch.Tensor,  # the same shape as cos
         cache: KVCache | None = None,
         start: int = 0,
+        mask: torch.Tensor | None = None,  # (B, 1, T, T) bool: True where a query may look
     ) -> torch.Tensor:  # (B, T, D)
         B, T, _ = x.shape
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
@@ -89,7 +90,7 @@ class CausalSelfAttention(nn.Module):
         if Hkv != H:
             k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, H, S, Dh)
 
-        mask, is_causal = None, True
+        is_causal = mask is None
         if cache is not None and start > 0:
             # New queries sit at positions start..start+T-1 and see every key up to their own
             # position; SDPA's is_causal would align them with the first keys instead.

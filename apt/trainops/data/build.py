@@ -224,8 +224,9 @@ def _shard_bundle(cfg: DataConfig, source: ShardSource, seq_len: int) -> DataBun
     folder = Path(source.path).expanduser()
     index = read_index(folder, key=_SOURCE_KEY)
     tokenizer = _shard_tokenizer(cfg, folder, index)
-    train = ShardDataset(folder, "train", seq_len, index=index, key=_SOURCE_KEY)
-    val = ShardDataset(folder, "val", seq_len, index=index, key=_SOURCE_KEY)
+    docs = cfg.document_mask
+    train = ShardDataset(folder, "train", seq_len, index=index, key=_SOURCE_KEY, document_ids=docs)
+    val = ShardDataset(folder, "val", seq_len, index=index, key=_SOURCE_KEY, document_ids=docs)
     stats = {
         side: CorpusStats(
             files=len(data.files),

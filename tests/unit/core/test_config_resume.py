@@ -29,6 +29,7 @@ def test_the_critical_keys() -> None:
         "data.tokenizer.kind",
         "data.seq_len",
         "data.shuffle",
+        "data.document_mask",
         "training.task.kind",
         "training.batch_size",
         "training.gradient_accumulation_steps",

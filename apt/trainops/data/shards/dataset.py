@@ -67,6 +67,7 @@ class ShardDataset(Dataset[dict[str, torch.Tensor]]):
         *,
         index: ShardIndex | None = None,
         key: str = "data.source.path",
+        document_ids: bool = False,
     ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -116,6 +117,26 @@ class ShardDataset(Dataset[dict[str, torch.Tensor]]):
                 + (" or with a larger validation share." if split == "val" else ".")
             )
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        #: Where each document of the split starts in the stream (``document_ids`` only).
+        self._doc_starts: np.ndarray | None = None
+        if document_ids:
+            self._doc_starts = self._read_doc_starts(self.folder / info.docs_file, where)
+
+    def _read_doc_starts(self, path: Path, where: str) -> np.ndarray:
+        try:
+            starts = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"{path} cannot be read ({exc}); {where} needs it for data.document_mask. "
+                "Prepare the folder again, or set data.document_mask: false."
+            ) from None
+        return np.asarray(starts, dtype=np.int64)
+
+    def _document_ids(self, start: int) -> torch.Tensor:
+        """(T,) the document of each input token of the window at ``start``."""
+        assert self._doc_starts is not None
+        positions = np.arange(start, start + self.seq_len, dtype=np.int64)
+        return torch.from_numpy(np.searchsorted(self._doc_starts, positions, side="right") - 1)
 
     def _check_files(self, sizes: np.ndarray, where: str) -> None:
         for number, (name, tokens) in enumerate(zip(self.files, sizes.tolist(), strict=True)):
@@ -169,8 +190,7 @@ class ShardDataset(Dataset[dict[str, torch.Tensor]]):
         if stop <= self._ends[number]:  # the window lies in one shard (nearly always)
             local = start - int(self._starts[number])
             one = self._shard(number)[local : local + self.seq_len + 1].astype(np.int64)
-            ids = torch.from_numpy(one)
-            return {"input_ids": ids[:-1], "labels": ids[1:]}  # (T,), (T,)
+            return self._item(torch.from_numpy(one), start)
         window = np.empty(self.seq_len + 1, dtype=np.int64)  # (T + 1,)
         pos = start
         while pos < stop:
@@ -180,8 +200,15 @@ class ShardDataset(Dataset[dict[str, torch.Tensor]]):
                 window[pos - start : end - start] = self._shard(number)[local : local + end - pos]
                 pos = end
             number += 1
-        ids = torch.from_numpy(window)
-        return {"input_ids": ids[:-1], "labels": ids[1:]}  # (T,), (T,)
+        return self._item(torch.from_numpy(window), start)
+
+    def _item(self, window: torch.Tensor, start: int) -> dict[str, torch.Tensor]:
+        """``{"input_ids", "labels"}`` (T,) each of a (T + 1,) window, and ``document_ids``
+        when the dataset gives them."""
+        item = {"input_ids": window[:-1], "labels": window[1:]}
+        if self._doc_starts is not None:
+            item["document_ids"] = self._document_ids(start)
+        return item
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """The items of one batch (what a DataLoader asks for): the windows are copied into one
@@ -200,6 +227,8 @@ class ShardDataset(Dataset[dict[str, torch.Tensor]]):
                 item = self[index]
                 out[row, :T], out[row, T] = item["input_ids"].numpy(), int(item["labels"][-1])
         windows = torch.from_numpy(out)
+        if self._doc_starts is not None:
+            return [self._item(w, i * T) for w, i in zip(windows, indices, strict=True)]
         return [{"input_ids": w[:-1], "labels": w[1:]} for w in windows]  # (T,), (T,) each
 
     def __getstate__(self) -> dict[str, Any]:

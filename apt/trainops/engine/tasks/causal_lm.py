@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from apt.core.config import DataConfig, ModelConfig
 from apt.core.config.base import Section
-from apt.core.errors import DataError
+from apt.core.errors import ConfigError, DataError
 from apt.trainops.distributed import unwrap_model
 from apt.trainops.engine.tasks.base import StepOutput, TrainingTask
 
@@ -115,6 +115,21 @@ class CausalLMTask(TrainingTask):
         _, labels = split_batch(batch)
         return count_token_bytes(labels[labels != IGNORE_INDEX], token_bytes)
 
+    def _documents(self, batch: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``{"document_ids": ...}`` for a batch that carries them (``data.document_mask``).
+
+        Raises:
+            ConfigError: the batch has them but the model's forward cannot take them.
+        """
+        if not isinstance(batch, dict) or "document_ids" not in batch:
+            return {}
+        if not self._takes("document_ids", model):
+            raise ConfigError(
+                "data.document_mask is on but the model's forward takes no document_ids; "
+                "use an APT model or set data.document_mask: false"
+            )
+        return {"document_ids": batch["document_ids"]}
+
     def train_step(
         self, model: nn.Module, batch: Any, criterion: Callable[..., torch.Tensor]
     ) -> StepOutput:
@@ -123,7 +138,7 @@ class CausalLMTask(TrainingTask):
             # The step needs the loss only: logits that stay inside a compiled graph are
             # never written out (APT models: return_logits=False).
             loss_only = {"return_logits": False} if self._takes("return_logits", model) else {}
-            out = model(input_ids, targets=labels, **loss_only)
+            out = model(input_ids, targets=labels, **loss_only, **self._documents(batch, model))
             return StepOutput(loss=out.loss, stats=dict(getattr(out, "stats", {}) or {}))
         logits = model(input_ids)
         logits = getattr(logits, "logits", logits)
@@ -135,7 +150,12 @@ class CausalLMTask(TrainingTask):
         """The loss, plus totals for ``val_accuracy`` (the voter's choice where it is on),
         ``val_entropy`` (mean next-token entropy, nats) and ``val_voter_fired``."""
         input_ids, labels = split_batch(batch)
-        out = model(input_ids, targets=labels) if self._targets_ok(model) else model(input_ids)
+        documents = self._documents(batch, model)
+        out = (
+            model(input_ids, targets=labels, **documents)
+            if self._targets_ok(model)
+            else model(input_ids, **documents)
+        )
         logits = getattr(out, "logits", out)  # (B, T, V)
         loss = out.loss if getattr(out, "loss", None) is not None else criterion(logits, labels)
         mask = labels != IGNORE_INDEX  # (B, T)
