@@ -42,8 +42,8 @@ _HOMES = {
     "TrainState": "apt.trainops.engine.state",
     "StepOutput": "apt.trainops.engine.tasks",
     "TrainingTask": "apt.trainops.engine.tasks",
-    "Finetuner": "apt.trainops.engine.trainer",
-    "PreTrainer": "apt.trainops.engine.trainer",
+    "Finetuner": "apt.trainops.engine.recipes",
+    "PreTrainer": "apt.trainops.engine.recipes",
     "Trainer": "apt.trainops.engine.trainer",
     "TrainResult": "apt.trainops.engine.trainer",
     **{
@@ -72,9 +72,10 @@ if TYPE_CHECKING:
         ProgressBar,
     )
     from apt.trainops.engine.events import Event
+    from apt.trainops.engine.recipes import Finetuner, PreTrainer
     from apt.trainops.engine.state import Control, RunState, TrainState
     from apt.trainops.engine.tasks import StepOutput, TrainingTask
-    from apt.trainops.engine.trainer import Finetuner, PreTrainer, Trainer, TrainResult
+    from apt.trainops.engine.trainer import Trainer, TrainResult
     from apt.trainops.plugins import CALLBACKS, TASKS
 
 
