@@ -25,7 +25,11 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_stray_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     for key in ("APT_FAULT_INJECT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         if key in os.environ:
             monkeypatch.delenv(key)
+    # The model store: never the user's own ~/.cache/apt/models.
+    monkeypatch.setenv("APT_HOME", str(tmp_path_factory.mktemp("apt_home")))

@@ -20,6 +20,7 @@ from apt.cli.data_cmd import add_data_parser, cmd_data
 from apt.cli.eval_cmd import add_eval_parser, cmd_eval
 from apt.cli.export_cmd import add_export_parser, cmd_export
 from apt.cli.inspect_cmds import cmd_config, cmd_profiles, cmd_tasks
+from apt.cli.models_cmd import add_models_parser, cmd_models
 from apt.cli.train_cmds import cmd_launch, cmd_train
 from apt.core.errors import APTError, ConfigError, DistributedError
 from apt.core.logs import install_console_logging
@@ -114,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_data_parser(sub)
     add_export_parser(sub)
+    add_models_parser(sub)
     return parser
 
 
@@ -126,6 +128,7 @@ _COMMANDS = {
     "eval": cmd_eval,
     "data": cmd_data,
     "export": cmd_export,
+    "models": cmd_models,
 }
 
 

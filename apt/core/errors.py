@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DistributedError",
+    "ModelStoreError",
     "TrainingDiverged",
 ]
 
@@ -43,6 +44,14 @@ class ConfigError(APTError):
 
 class CheckpointError(APTError):
     """A checkpoint is missing, incomplete, corrupt or incompatible with the run."""
+
+
+class ModelStoreError(CheckpointError):
+    """A model name is not valid, not in the local model store, or taken already (CLI exit
+    code 2). A :class:`CheckpointError`, so code that catches a model folder that cannot be
+    loaded catches a name that cannot be found too."""
+
+    exit_code = 2
 
 
 class DataError(APTError):

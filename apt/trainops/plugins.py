@@ -24,6 +24,7 @@ TASKS: Registry[Any] = Registry(
     lazy={
         "causal_lm": f"{_TASKS}.causal_lm:CausalLMTask",
         "regression": f"{_TASKS}.regression:RegressionTask",
+        "sft": f"{_TASKS}.sft:SFTTask",
     },
 )
 

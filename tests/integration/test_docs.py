@@ -18,6 +18,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ ALL = [b for page in PAGES for b in blocks(page)]
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("APT_PROFILE_PATH", None)
+    env["APT_HOME"] = tempfile.mkdtemp(prefix="apt_home-")  # never the user's model store
     return env
 
 

@@ -10,7 +10,14 @@ from apt.core.config.base import Section
 from apt.core.config.plugins import TokenizerSpec
 from apt.core.config.resume import FREE
 
-__all__ = ["TEXT_SOURCE_KEYS", "TOKENIZER_VOCAB", "DataConfig", "ShardSource", "vocab_mismatch"]
+__all__ = [
+    "TEXT_SOURCE_KEYS",
+    "TOKENIZER_VOCAB",
+    "DataConfig",
+    "SFTSource",
+    "ShardSource",
+    "vocab_mismatch",
+]
 
 #: Vocabulary size of the tokenizers whose size is known without building them.
 TOKENIZER_VOCAB: dict[str, int] = {"byte": 256}
@@ -32,7 +39,8 @@ def vocab_mismatch(vocab_size: int, tokenizer: str, tokenizer_vocab: int) -> str
 
 
 #: The ``data:`` keys that describe reading and splitting text; a shard folder was read and split
-#: when it was prepared, so they do not apply to ``source: {kind: shards}``.
+#: when it was prepared, and an ``sft`` source reads and splits its own files, so they do not
+#: apply to ``source: {kind: shards}`` or ``source: {kind: sft}``.
 TEXT_SOURCE_KEYS = (
     "train_files",
     "val_files",
@@ -58,18 +66,90 @@ class ShardSource(Section):
     )
 
 
+class SFTSource(Section):
+    """``source: {kind: sft, path: FILE}``: supervised fine-tuning examples, one JSON object a
+    line: ``{"prompt": ..., "completion": ...}`` or ``{"messages": [{"role": ..., "content":
+    ...}, ...]}`` (roles system, user, assistant). Each example is rendered by a chat template
+    and the loss covers the completion (assistant) tokens only. Read by ``training.task: sft``;
+    the files need not exist when the config is loaded."""
+
+    resume = "critical"  # other examples, or the same ones cut otherwise: other data
+
+    kind: Literal["sft"] = Field("sft", description="Supervised fine-tuning examples (.jsonl).")
+    path: str = Field(
+        min_length=1,
+        description="The training .jsonl file; ~ is expanded, a relative path is taken from "
+        "the working directory.",
+    )
+    val_path: str | None = Field(
+        None,
+        min_length=1,
+        description="The validation .jsonl file; None: hold out val_fraction of the training "
+        "examples, chosen by a permutation seeded with training.seed.",
+    )
+    val_fraction: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Share of the examples of path held out for validation (at least one) when "
+        "val_path is not set.",
+    )
+    format: Literal["auto", "prompt_completion", "messages"] = Field(
+        "auto",
+        description="Record layout: prompt_completion ({prompt, completion}), messages "
+        "({messages: [{role, content}]}) or auto (each line by the keys it has).",
+    )
+    template: Literal["builtin", "tokenizer", "plain"] = Field(
+        "builtin",
+        description="How an example becomes text: builtin (role markers <|user|> ... <|end|>, "
+        "the tokenizer's special tokens where it has them, else plain text; no jinja2 needed), "
+        "tokenizer (the chat_template of the tokenizer folder's tokenizer_config.json; needs "
+        "jinja2) or plain (the contents back to back between end-of-text tokens, no markers).",
+    )
+    packing: bool = Field(
+        True,
+        description="Pack several examples into each data.seq_len row, attention kept inside "
+        "each example (document_ids; the model must take them, as APT models do). False: one "
+        "example a row, batches padded to their longest example.",
+    )
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate",
+        description="An example longer than data.seq_len + 1 tokens: truncate (keep its first "
+        "tokens; one left with no completion token is dropped; counts logged), drop (leave it "
+        "out, counted) or error (refuse, naming its file and line).",
+    )
+
+    @model_validator(mode="after")
+    def _one_validation_side(self) -> SFTSource:
+        if self.val_path is not None and "val_fraction" in self.model_fields_set:
+            raise ValueError(
+                "give val_path (a validation file) or val_fraction (a share of path held "
+                "out), not both"
+            )
+        return self
+
+
+_MAPPING_SOURCES: dict[str, type[Section]] = {"shards": ShardSource, "sft": SFTSource}
+
+
 def _source_form(value: Any) -> str:
-    return "shards" if isinstance(value, dict | ShardSource) else "name"
+    if isinstance(value, ShardSource | SFTSource):
+        return str(value.kind)
+    if isinstance(value, dict):
+        return str(value.get("kind"))
+    return "name"
 
 
-#: ``data.source``: a corpus name, or the mapping of a prepared shard folder. The tags keep a
-#: bad mapping's errors to the mapping (a plain union also reports that it is no name).
+#: ``data.source``: a corpus name, or the mapping of a prepared shard folder or of fine-tuning
+#: examples. The tags keep a bad mapping's errors to the mapping (a plain union also reports
+#: that it is no name).
 SourceSpec = Annotated[
     Annotated[Literal["python_stdlib", "files"], Tag("name")]
-    | Annotated[ShardSource, Tag("shards")],
+    | Annotated[ShardSource, Tag("shards")]
+    | Annotated[SFTSource, Tag("sft")],
     Discriminator(_source_form),
 ]
-_SOURCE_FORMS = "python_stdlib, files or {kind: shards, path: DIR}"
+_SOURCE_FORMS = "python_stdlib, files, {kind: shards, path: DIR} or {kind: sft, path: FILE.jsonl}"
 
 
 class DataConfig(Section):
@@ -79,8 +159,10 @@ class DataConfig(Section):
     (present on every machine with Python, so the quickstart needs no download);
     ``source: files`` reads ``train_files`` / ``val_files`` (``.txt`` or ``.jsonl``, globs allowed);
     ``source: {kind: shards, path: DIR}`` reads the ``train`` and ``val`` token shards of a
-    prepared folder, made with the tokenizer its ``index.json`` names (the keys of
-    :data:`TEXT_SOURCE_KEYS` do not apply to it and are refused).
+    prepared folder, made with the tokenizer its ``index.json`` names;
+    ``source: {kind: sft, path: FILE.jsonl}`` reads prompt/completion or chat examples for
+    ``training.task: sft`` (:class:`SFTSource`). The keys of :data:`TEXT_SOURCE_KEYS` apply to
+    neither mapping source and are refused beside one.
     """
 
     resume = "critical"  # other text or other sequences: another run
@@ -88,7 +170,8 @@ class DataConfig(Section):
     source: SourceSpec = Field(
         "python_stdlib",
         description="Corpus: python_stdlib (the standard library sources), files (your "
-        "train_files / val_files), or {kind: shards, path: DIR} (prepared token shards).",
+        "train_files / val_files), {kind: shards, path: DIR} (prepared token shards) or "
+        "{kind: sft, path: FILE.jsonl} (fine-tuning examples for training.task: sft).",
     )
     train_files: list[str] = Field(
         default_factory=list, description="Training files or globs (.txt, .jsonl) for source=files."
@@ -148,14 +231,20 @@ class DataConfig(Section):
             raise ValueError(
                 "source 'shards' needs the prepared folder: source: {kind: shards, path: DIR}"
             )
-        if not isinstance(value, str | dict | ShardSource) or (
+        if value == "sft" or (
+            isinstance(value, dict) and value.get("kind") == "sft" and "path" not in value
+        ):
+            raise ValueError(
+                "source 'sft' needs the examples file: source: {kind: sft, path: FILE.jsonl}"
+            )
+        if not isinstance(value, str | dict | ShardSource | SFTSource) or (
             isinstance(value, str) and value not in ("python_stdlib", "files")
         ):
             raise ValueError(f"unknown source {value!r}; valid: {_SOURCE_FORMS}")
-        if isinstance(value, dict) and value.get("kind") != "shards":
+        if isinstance(value, dict) and value.get("kind") not in _MAPPING_SOURCES:
             raise ValueError(
-                f"a mapping source must have kind: shards (got kind {value.get('kind')!r}); "
-                f"valid: {_SOURCE_FORMS}"
+                f"a mapping source must have kind: shards or sft (got kind "
+                f"{value.get('kind')!r}); valid: {_SOURCE_FORMS}"
             )
         return value
 
@@ -163,6 +252,12 @@ class DataConfig(Section):
     def _files_given(self) -> DataConfig:
         if self.source == "files" and not self.train_files:
             raise ValueError("source 'files' needs train_files (a list of paths or globs)")
+        if self.document_mask and isinstance(self.source, SFTSource):
+            raise ValueError(
+                "document_mask does not apply to source {kind: sft}: packed examples always "
+                "keep attention inside each example (data.source.packing). To fix: remove "
+                "data.document_mask"
+            )
         if self.document_mask and not isinstance(self.source, ShardSource):
             raise ValueError(
                 "document_mask needs source {kind: shards, path: DIR}: the document boundaries "
@@ -171,8 +266,8 @@ class DataConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _shards_take_no_text_keys(self) -> DataConfig:
-        if not isinstance(self.source, ShardSource):
+    def _mappings_take_no_text_keys(self) -> DataConfig:
+        if not isinstance(self.source, ShardSource | SFTSource):
             return self
         fields = type(self).model_fields
         given = [
@@ -180,6 +275,13 @@ class DataConfig(Section):
             for key in TEXT_SOURCE_KEYS
             if getattr(self, key) != fields[key].get_default(call_default_factory=True)
         ]
+        if given and isinstance(self.source, SFTSource):
+            raise ValueError(
+                f"{', '.join(f'data.{key}' for key in given)} "
+                f"{'does' if len(given) == 1 else 'do'} not apply to source {{kind: sft}}: it "
+                f"reads {self.source.path} (and data.source.val_path) itself. To fix: remove "
+                "the key(s); a held-out share of the examples is data.source.val_fraction."
+            )
         if given:
             raise ValueError(
                 f"{', '.join(f'data.{key}' for key in given)} "

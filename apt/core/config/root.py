@@ -12,6 +12,7 @@ from pydantic import Field, PrivateAttr, model_validator
 from apt.core.config.base import Section
 from apt.core.config.callbacks import CallbackSpec
 from apt.core.config.data import TOKENIZER_VOCAB, DataConfig, vocab_mismatch
+from apt.core.config.finetune import FinetuneConfig
 from apt.core.config.model import PRESETS, ModelConfig
 from apt.core.config.monitoring import MonitoringConfig
 from apt.core.config.resume import FREE
@@ -45,6 +46,10 @@ class APTConfig(Section):
     )
     schedules: SchedulesConfig = Field(
         default_factory=SchedulesConfig, description="Curriculum: module switches and annealing."
+    )
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig,
+        description="Which parameters train: frozen ones by name, or LoRA adapters.",
     )
     callbacks: list[CallbackSpec] = Field(
         default_factory=list,
@@ -101,6 +106,17 @@ class APTConfig(Section):
                 f"data.seq_len: {self.data.seq_len} is longer than model.max_seq_len "
                 f"({self.model.max_seq_len}), the longest sequence the model has positions "
                 "for. To fix: lower data.seq_len or raise model.max_seq_len."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_without_float8(self) -> APTConfig:
+        if self.finetune.lora is not None and self.training.float8 != "off":
+            raise ValueError(
+                f"finetune.lora: LoRA adapters cannot train with training.float8 "
+                f"({self.training.float8}): FP8 conversion replaces the adapted linear layers "
+                "and drops their adapters. To fix: set training.float8=off, or remove "
+                "finetune.lora."
             )
         return self
 

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
 from pydantic import ValidationError
 
 from apt.core.config.model import ModelConfig
 from apt.core.errors import ConfigError
 from apt.model.architectures.apt_model import APTModel
 
+if TYPE_CHECKING:
+    from apt.model.store import ModelStore
+
 __all__ = ["APTLargeModel"]
 
 #: Head size used when ``hidden_size`` is given without ``num_heads`` or a preset.
 _DEFAULT_HEAD_DIM = 64
+
+_L = TypeVar("_L", bound="APTLargeModel")
 
 
 class APTLargeModel(APTModel):
@@ -21,6 +28,7 @@ class APTLargeModel(APTModel):
 
     >>> model = APTLargeModel(hidden_size=256, num_layers=2, vocab_size=512)   # doctest: +SKIP
     >>> model = APTLargeModel(preset="small", vocab_size=50304)                 # doctest: +SKIP
+    >>> model = APTLargeModel.from_pretrained("apt-base")   # a stored name     # doctest: +SKIP
 
     Args:
         config: a full :class:`ModelConfig` (also accepted as ``config=``); keyword sizes given
@@ -52,3 +60,29 @@ class APTLargeModel(APTModel):
                 f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in exc.errors()
             )
             raise ConfigError(f"APTLargeModel sizes are invalid: {problems}") from None
+
+    @classmethod
+    def from_pretrained(
+        cls: type[_L],
+        directory: str | Path,
+        device: torch.device | str | None = None,
+        *,
+        store: ModelStore | str | Path | None = None,
+    ) -> _L:
+        """Load a model written by ``save_pretrained``: from a folder, or by its name in the
+        local model store (:mod:`apt.model.store`).
+
+        Args:
+            directory: a model folder; else the name of a model in ``store`` (an existing
+                folder wins over a name).
+            device: where to put the model (default: the CPU).
+            store: the store, or its folder (default: ``$APT_HOME``, else
+                ``~/.cache/apt/models``).
+
+        Raises:
+            ModelStoreError: a name the store does not hold (the message lists those it does).
+            CheckpointError: a file is missing, corrupt or does not match the config.
+        """
+        from apt.model.architectures.pretrained import load_pretrained
+
+        return load_pretrained(cls, directory, device=device, store=store)

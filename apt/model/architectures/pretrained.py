@@ -1,5 +1,6 @@
 """``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors`` in a folder,
 and the model's tokenizer beside them when it has one (``apt_tokenizer.json``, ``tokenizer.json``).
+``from_pretrained`` also takes the name of a model in the local store (:mod:`apt.model.store`).
 
 Nothing is unpickled: the config is JSON validated by :class:`ModelConfig`, the weights are
 safetensors. Tied tensors are written once and restored to every name that shares them.
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from apt.core.config.model import ModelConfig
 from apt.core.errors import CheckpointError
 from apt.core.files import apply_umask
+from apt.model.store import ModelStore
 from apt.model.tokenizers import load_tokenizer, save_tokenizer
 
 if TYPE_CHECKING:
@@ -310,20 +312,28 @@ def load_weights(model: APTModel, state: dict[str, torch.Tensor], source: Path) 
 
 
 def load_pretrained(
-    cls: type[_M], directory: str | Path, device: torch.device | str | None = None
+    cls: type[_M],
+    name_or_dir: str | Path,
+    device: torch.device | str | None = None,
+    *,
+    store: ModelStore | str | Path | None = None,
 ) -> _M:
-    """Build ``cls`` from ``directory/config.json`` and load ``directory/model.safetensors``.
+    """Build ``cls`` from ``config.json`` and load ``model.safetensors`` of a model folder.
+
+    Args:
+        name_or_dir: a folder; else the name of a model in ``store``
+            (:meth:`ModelStore.resolve <apt.model.store.ModelStore.resolve>`).
+        device: where to put the model (default: the CPU).
+        store: the local model store, or its folder (default: ``$APT_HOME``, else
+            ``~/.cache/apt/models``).
 
     Raises:
+        ModelStoreError: a name the store does not hold (the message lists those it does).
         CheckpointError: the folder or a file is missing, not a regular file, corrupt or
             inconsistent; or the config describes a model the weights cannot fill (checked
             before anything is allocated: see the module docstring).
     """
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise CheckpointError(
-            f"model folder {folder} not found. Pass a folder written by model.save_pretrained(dir)."
-        )
+    folder = ModelStore.of(store).resolve(name_or_dir)
     config = _read_config(folder / CONFIG_NAME)
     _check_sizes(config, folder / CONFIG_NAME, folder / WEIGHTS_NAME)
     state = _read_weights(folder / WEIGHTS_NAME)

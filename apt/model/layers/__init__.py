@@ -2,6 +2,16 @@
 
 from apt.model.layers.align import AlignLoss, kl_divergence
 from apt.model.layers.attention import CausalSelfAttention, KVCache
+from apt.model.layers.lora import (
+    LoRALinear,
+    adapter_state_dict,
+    apply_lora,
+    load_adapter,
+    lora_modules,
+    merge_lora,
+    merged_state_dict,
+    save_adapter,
+)
 from apt.model.layers.mlp import SwiGLU
 from apt.model.layers.moe import Experts, MoEAux, MoEFeedForward
 from apt.model.layers.norm import RMSNorm
@@ -15,6 +25,7 @@ __all__ = [
     "Controllable",
     "Experts",
     "KVCache",
+    "LoRALinear",
     "MoEAux",
     "MoEFeedForward",
     "ModuleGroup",
@@ -23,7 +34,14 @@ __all__ = [
     "SwiGLU",
     "Switchable",
     "Voter",
+    "adapter_state_dict",
+    "apply_lora",
     "apply_rope",
     "entropy",
     "kl_divergence",
+    "load_adapter",
+    "lora_modules",
+    "merge_lora",
+    "merged_state_dict",
+    "save_adapter",
 ]

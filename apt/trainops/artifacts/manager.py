@@ -19,10 +19,11 @@ from apt.core.config import ArtifactsConfig
 from apt.core.errors import ConfigError
 from apt.core.logs import RunFileHandler, attach_file_log, detach_file_log
 from apt.core.redact import redact, redact_mapping
+from apt.model.store import ModelStore
 from apt.model.tokenizers import Tokenizer, save_tokenizer
 from apt.trainops.artifacts.environment import describe_environment
 from apt.trainops.artifacts.errors import RunFolderError
-from apt.trainops.artifacts.export import write_model
+from apt.trainops.artifacts.export import describe_run, write_model
 from apt.trainops.artifacts.plots import write_plots
 from apt.trainops.artifacts.run_lock import RunLock
 from apt.trainops.monitoring.jsonl import write_record
@@ -104,7 +105,8 @@ class ArtifactManager:
     ``env.json`` (:func:`~apt.trainops.artifacts.environment.describe_environment`),
     ``metrics.jsonl`` (one JSON object per logged step; NaN and inf are written as null),
     ``logs/train.log`` (the ``apt`` logger's lines), ``plots/`` (loss and learning rate),
-    ``final_model/``. Each method works on its own, without :meth:`lock` (a script or test
+    ``final_model/``; :meth:`save_model` also stores a model by name in the local model store.
+    Each method works on its own, without :meth:`lock` (a script or test
     that only wants the files); the Trainer takes the lock first.
 
     Secrets are never written: the config and provenance pass through
@@ -371,28 +373,62 @@ class ArtifactManager:
     def save_model(
         self,
         model: nn.Module,
-        name: str | Path = "final_model",
+        directory: str | Path | None = None,
         *,
+        name: str | None = None,
+        store: ModelStore | str | Path | None = None,
+        overwrite: bool = False,
         state_dict: dict[str, torch.Tensor] | None = None,
         step: int | None = None,
     ) -> Path:
-        """Export ``model`` with ``save_pretrained`` (APT models) or as a safetensors file,
-        all or nothing (:func:`~apt.trainops.artifacts.export.write_model`).
+        """Export ``model`` into the run folder, or by name into the local model store.
+
+        ``directory`` (default ``final_model`` when no ``name`` is given) is written with
+        ``save_pretrained`` (APT models) or as a safetensors file, all or nothing
+        (:func:`~apt.trainops.artifacts.export.write_model`). ``name`` stores the model in the
+        local model store (:class:`~apt.model.store.ModelStore`) with a model card from what
+        the run folder holds (:func:`~apt.trainops.artifacts.export.describe_run`); with both,
+        both are written.
 
         Args:
             model: the (unwrapped) model.
-            name: folder inside the run folder, or an absolute/relative path of its own.
+            directory: folder inside the run folder, or an absolute/relative path of its own.
+            name: the model's name in the store (an APT model only).
+            store: the store or its folder (default: ``$APT_HOME``, else ``~/.cache/apt/models``).
+            overwrite: replace a model the store holds under ``name``.
             state_dict: weights to write instead of the module's own (gathered from shards).
-            step: the training step exported (named in error messages).
+            step: the training step exported (named in error messages, written on the card).
+
+        Returns:
+            The stored model's folder when ``name`` is given, else the exported folder.
 
         Raises:
             ExportError: the files could not be written (disk full, permission denied); the
                 target folder is left as it was.
+            ModelStoreError: ``name`` is invalid or taken (without ``overwrite``), the model is
+                not an APT model, or the store could not be written.
         """
-        target = self.run_dir / name
+        if name is None:
+            target = self.run_dir / (directory if directory is not None else "final_model")
+            if not self.is_main:
+                return target
+            return write_model(model, target, state_dict=state_dict, step=step)
+        models = ModelStore.of(store)
+        stored = models.path(name)  # an invalid name fails on every rank alike
         if not self.is_main:
-            return target
-        return write_model(model, target, state_dict=state_dict, step=step)
+            return stored
+        if directory is not None:
+            write_model(model, self.run_dir / directory, state_dict=state_dict, step=step)
+        if self._metrics_file is not None:
+            self._metrics_file.flush()  # the card reads the newest metrics
+        return models.save(
+            name,
+            model,  # type: ignore[arg-type]  # save refuses what is not an APT model
+            overwrite=overwrite,
+            state_dict=state_dict,
+            source=self.run_dir.absolute(),
+            training=describe_run(self.run_dir, step=step),
+        )
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every record of ``metrics.jsonl`` (for tests and reports)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from apt.core.config import TokenizerSpec
-from apt.core.config.data import DataConfig, ShardSource
+from apt.core.config.data import DataConfig, SFTSource, ShardSource
 from apt.core.errors import ConfigError, DataError
 from apt.trainops.data.cache import cache_key, load_tokens, save_tokens
 from apt.trainops.data.corpus import CorpusFile, read_documents, resolve_files, stdlib_corpus
@@ -277,14 +277,21 @@ def build_datasets(cfg: DataConfig, *, seq_len: int | None = None) -> DataBundle
             for one sequence, or the cache folder is not writable; the message says which file
             (and line) and what to change. A shard source: no folder or ``index.json``, no
             ``val`` split, a shard missing or of the wrong size.
-        ConfigError: ``cfg.tokenizer`` is not a registered tokenizer, or (shard source) not
-            the tokenizer the shards were made with.
+        ConfigError: ``cfg.tokenizer`` is not a registered tokenizer, (shard source) not
+            the tokenizer the shards were made with, or an ``sft`` source (read by
+            :func:`~apt.trainops.data.sft.build_sft_datasets`, for the ``sft`` task).
     """
     seq_len = cfg.seq_len if seq_len is None else seq_len
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if isinstance(cfg.source, ShardSource):
         return _shard_bundle(cfg, cfg.source, seq_len)
+    if isinstance(cfg.source, SFTSource):
+        raise ConfigError(
+            f"data.source: {{kind: sft, path: {cfg.source.path}}} holds fine-tuning examples, "
+            "which the sft task reads (its labels cover the completions only). To fix: set "
+            "training.task: sft, or read them with apt.trainops.data.build_sft_datasets."
+        )
     tokenizer = build_tokenizer(cfg.tokenizer)
     train_files, val_files = _corpus_files(cfg)
     train_cap, val_cap = split_caps(cfg.max_corpus_bytes, cfg.val_fraction)

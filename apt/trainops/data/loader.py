@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sized
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -26,6 +26,19 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+@runtime_checkable
+class _StacksBatches(Protocol):
+    """A dataset that can read a whole batch at once (``ShardDataset``): ``stacked_batches()``
+    returns a dataset whose ``__getitems__`` gives the batch already stacked."""
+
+    def stacked_batches(self) -> Dataset[Any]: ...
+
+
+def _pass_stacked(batch: Any) -> Any:
+    """``collate_fn`` for a dataset whose ``__getitems__`` already stacked the batch."""
+    return batch
 
 
 class _EpochSeededLoader(DataLoader[Any]):
@@ -61,6 +74,12 @@ def create_dataloader(
     ``loader.sampler.set_epoch``) and the rank layout, never on ``num_workers``: the sampler
     runs in the main process and workers are seeded from a generator seeded with ``seed``.
 
+    A dataset with ``stacked_batches()`` (``ShardDataset``) is read a batch at a time: with
+    the default ``collate_fn`` the loader reads through ``dataset.stacked_batches()``, whose
+    ``__getitems__`` returns the batch already stacked, and passes it through uncollated. The
+    batches are the same as ``default_collate`` of the items; the sampler, ``len(loader)``
+    and ``drop_last`` are unchanged. A ``collate_fn`` given here reads item by item.
+
     Args:
         dataset: a map-style dataset (``__len__`` and ``__getitem__``).
         batch_size: samples per batch on this rank.
@@ -71,7 +90,8 @@ def create_dataloader(
         rank: this rank, in ``0 .. world_size - 1``.
         world_size: data-parallel ranks sharing the dataset.
         drop_last: drop the uneven tail, both across ranks and the last partial batch.
-        collate_fn: batch builder; None: ``torch.utils.data.default_collate``.
+        collate_fn: batch builder; None: ``torch.utils.data.default_collate``, or the
+            dataset's own stacked batches when it has them.
         pin_memory: page-lock batches for faster host-to-GPU copies.
         persistent_workers: keep workers alive between epochs (needs ``num_workers > 0``).
         prefetch_factor: batches each worker loads ahead (needs ``num_workers > 0``).
@@ -100,6 +120,8 @@ def create_dataloader(
         world_size=world_size,
         drop_last=drop_last,
     )
+    if collate_fn is None and isinstance(dataset, _StacksBatches):
+        dataset, collate_fn = dataset.stacked_batches(), _pass_stacked
     generator = torch.Generator()
     generator.manual_seed(seed)
     extra: dict[str, Any] = {}

@@ -75,10 +75,12 @@ def build_loaders(
 ) -> tuple[Any, Any]:
     """(train, eval) loaders: the ones given, else over the datasets given, else over the
     task's datasets built from ``cfg``. Each rank reads its shard; a validation set is padded
-    with target-free samples to a multiple of the ranks (every rank runs as many batches)."""
+    with target-free samples to a multiple of the ranks (every rank runs as many batches).
+    Batches are joined by ``task.collate()`` when the task has one."""
     from apt.trainops.data import create_dataloader
 
     rank, world = strategy.sampler_rank_world()
+    collate_fn = task.collate()
 
     def loader(
         dataset: Dataset[Any], size: int, *, shuffle: bool, collate: Any = None
@@ -99,7 +101,7 @@ def build_loaders(
         if train_dataset is None:
             train_dataset, built_eval = task.build_datasets(cfg, seed=seed)
             eval_dataset = eval_dataset if eval_dataset is not None else built_eval
-        train_loader = loader(train_dataset, batch_size, shuffle=cfg.shuffle)
+        train_loader = loader(train_dataset, batch_size, shuffle=cfg.shuffle, collate=collate_fn)
     if eval_loader is None and eval_dataset is not None:
         if (
             world > 1
@@ -108,8 +110,11 @@ def build_loaders(
             and task.can_pad
         ):
             eval_dataset = PaddedForRanks(eval_dataset, world, task.without_targets)
-        # A padding row has labels that a real row may lack: pad_collate makes them alike.
-        collate = pad_collate if isinstance(eval_dataset, PaddedForRanks) else None
+        # A padding row has labels that a real row may lack: pad_collate makes them alike
+        # (a task's own collate must handle padding rows itself).
+        collate = collate_fn
+        if collate is None and isinstance(eval_dataset, PaddedForRanks):
+            collate = pad_collate
         eval_loader = loader(eval_dataset, eval_batch_size, shuffle=False, collate=collate)
     return train_loader, eval_loader
 

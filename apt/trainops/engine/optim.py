@@ -12,6 +12,7 @@ from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from apt.core.config import OptimizerConfig
 from apt.core.config.training import AdamConfig, AdamWConfig, SGDConfig
+from apt.core.errors import ConfigError
 from apt.core.registry import Registry
 
 __all__ = ["OPTIMIZERS", "build_optimizer", "parameter_groups"]
@@ -19,6 +20,9 @@ __all__ = ["OPTIMIZERS", "build_optimizer", "parameter_groups"]
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object]]:
     """Split trainable parameters into a decayed group (weight matrices) and one without decay.
+
+    Only parameters that require a gradient are in a group: a frozen one (``finetune.freeze``,
+    a LoRA base weight) gets no optimizer state and is never stepped.
 
     Biases, normalisation weights (any parameter with fewer than 2 dimensions) and embedding
     tables are not decayed: decay on them hurts and has no regularising purpose. A tied output
@@ -84,7 +88,14 @@ def build_optimizer(cfg: OptimizerConfig, *, model: nn.Module, learning_rate: fl
         learning_rate: the peak learning rate (the LR scheduler scales it).
 
     Raises:
-        ConfigError: no optimizer is registered under ``cfg.kind``.
+        ConfigError: no optimizer is registered under ``cfg.kind``, or no parameter of
+            ``model`` requires a gradient.
     """
     groups = parameter_groups(model, cfg.weight_decay)
+    if not groups:
+        raise ConfigError(
+            "training.optimizer: no parameter of the model requires a gradient, so there is "
+            "nothing to train. To fix: freeze fewer parameters (finetune.freeze), or set "
+            "requires_grad on the parameters of the model you pass."
+        )
     return OPTIMIZERS.get(cfg.kind)(cfg, groups, learning_rate, model)

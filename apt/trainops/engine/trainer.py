@@ -15,6 +15,7 @@ from apt.core.config import APTConfig, TrainingConfig
 from apt.core.cpus import default_cpu_threads
 from apt.core.errors import CheckpointError, ConfigError
 from apt.core.logs import install_console_logging
+from apt.model.layers.lora import merged_state_dict
 from apt.trainops.artifacts import ArtifactManager, ExportError, RunFolderError, is_inside
 from apt.trainops.checkpoints.layout import committed_dirs
 from apt.trainops.data.build import data_tokenizer
@@ -39,6 +40,7 @@ from apt.trainops.engine.callbacks.metrics import MetricsLogger
 from apt.trainops.engine.checkpointing import RunRecord
 from apt.trainops.engine.events import Event
 from apt.trainops.engine.float8 import apply_float8
+from apt.trainops.engine.freeze import FinetunePlan, apply_finetune, export_adapter
 from apt.trainops.engine.keywords import LENGTH_KEYWORDS, config_with_keywords
 from apt.trainops.engine.loop import TrainingLoop
 from apt.trainops.engine.precision import make_autocast, make_grad_scaler, seed_everything
@@ -147,6 +149,7 @@ class Trainer:
 
     Attributes:
         bundle: what the run trains (model, optimizer, lr_scheduler, scaler, extras).
+        finetune_plan: what ``finetune:`` did to the model (adapters, frozen names), or None.
     """
 
     #: Config defaults of this trainer kind (keyword -> value), applied under the caller's own
@@ -240,6 +243,11 @@ class Trainer:
         cfg, tcfg, env = self.config, self.config.training, self.env
         raw_model = model if model is not None else self.task.build_model(cfg.model)
         _warn_if_made_for_gpus(tcfg, raw_model, env.device)
+        # LoRA layers and requires_grad first: the strategy shards, and the optimizer sees,
+        # the parameters that train; a checkpoint holds the adapters as model state.
+        self.finetune_plan: FinetunePlan | None = (
+            apply_finetune(cfg.finetune, model=raw_model) if cfg.finetune.active else None
+        )
         # Before the strategy wraps or shards it: FP8 swaps nn.Linear modules.
         self.float8_layers = apply_float8(raw_model, tcfg.float8, env.device)
         if self.tokenizer is not None and getattr(raw_model, "tokenizer", False) is None:
@@ -446,6 +454,10 @@ class Trainer:
         """Write the trained model (``save_pretrained`` format for APT models) into
         ``directory`` (relative paths are inside the run folder). Collective when sharded.
 
+        With ``finetune.lora``: the weights with the adapters merged in (``merge: true``; the
+        model being trained keeps its adapters), or only ``adapter_model.safetensors`` and
+        ``adapter_config.json`` (``merge: false``).
+
         Raises:
             ExportError: the files could not be written (disk full, permission denied);
                 ``directory`` is left as it was.
@@ -453,9 +465,17 @@ class Trainer:
         state = None
         if self.strategy.sharded:
             state, _ = self.strategy.full_state_dict(self.model, None)  # gathered on rank 0
-        return self.artifacts.save_model(
-            self.strategy.unwrap(self.model), directory, state_dict=state, step=step
-        )
+        model = self.strategy.unwrap(self.model)
+        lora, plan = self.config.finetune.lora, self.finetune_plan
+        if lora is not None and plan is not None and self.env.is_main:
+            if not lora.merge:  # adapter_model.safetensors + adapter_config.json
+                target = self.run_dir / directory
+                return export_adapter(
+                    model, target, trainable=plan.trainable_base, state=state, step=step
+                )
+            # New tensors for the merged weights: the trained ones stay as they are.
+            state = merged_state_dict(model, state)
+        return self.artifacts.save_model(model, directory, state_dict=state, step=step)
 
     def _resume(self, loop: TrainingLoop) -> bool:
         """Continue from the newest checkpoint; True when the run is already complete."""

@@ -17,7 +17,9 @@ from apt.core.errors import APTError, ConfigError, DataError
 from apt.core.redact import MASK, redact
 
 SECRET = "hunter2secret"
-PROFILE_KEYS = "artifacts, callbacks, data, eval, extends, model, monitoring, schedules, training"
+PROFILE_KEYS = (
+    "artifacts, callbacks, data, eval, extends, finetune, model, monitoring, schedules, training"
+)
 
 
 def write(path: Path, content: str | bytes) -> Path:

@@ -21,6 +21,13 @@ def test_the_critical_keys() -> None:
     assert {k for k in critical if not k.startswith("model.")} == {
         "data.source.kind",  # a mapping source ({kind: shards, path}); a name: data.source
         "data.source.path",
+        # source {kind: sft}: which examples, how they are rendered, cut and packed
+        "data.source.val_path",
+        "data.source.val_fraction",
+        "data.source.format",
+        "data.source.template",
+        "data.source.packing",
+        "data.source.overlong",
         "data.train_files",
         "data.val_files",
         "data.text_field",
@@ -36,6 +43,14 @@ def test_the_critical_keys() -> None:
         "training.seed",
         "training.optimizer.kind",
         "schedules.root",
+        # another set of trained tensors (finetune.lora.merge only shapes the export: free)
+        "finetune.freeze",
+        "finetune.lora.rank",
+        "finetune.lora.alpha",
+        "finetune.lora.rslora",
+        "finetune.lora.dropout",
+        "finetune.lora.targets",
+        "finetune.lora.trainable",
     }
     model_fields = {key for key, _ in field_classes(APTConfig) if key.startswith("model.")}
     assert model_fields and model_fields <= critical  # another network is another run
@@ -52,6 +67,8 @@ def test_the_critical_keys() -> None:
         ("data.tokenizer.vocab_file", True),
         ("schedules.route_temp.start", True),
         ("training.learning_rate", False),
+        ("finetune.lora", True),  # adapters switched on or off
+        ("finetune.lora.merge", False),
         ("training.checkpoints.directory", False),
         ("data.num_workers", False),
         ("callbacks", False),

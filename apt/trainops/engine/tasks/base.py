@@ -112,6 +112,13 @@ class TrainingTask:
         """A copy of one dataset sample that contributes no loss term (padding)."""
         raise NotImplementedError
 
+    def collate(self) -> Callable[[list[Any]], Any] | None:
+        """The function that joins samples into a batch for the train and eval loaders the
+        engine builds (None, the default: ``torch.utils.data.default_collate``). A task whose
+        samples differ in length pads them here; it must also accept ``without_targets``
+        samples (validation padding for even rank shards)."""
+        return None
+
     def count_targets(self, batch: Any) -> int:
         """Number of loss terms in ``batch`` (called on the CPU batch, no device sync)."""
         raise NotImplementedError
