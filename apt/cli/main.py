@@ -21,7 +21,7 @@ from apt.cli.eval_cmd import add_eval_parser, cmd_eval
 from apt.cli.export_cmd import add_export_parser, cmd_export
 from apt.cli.inspect_cmds import cmd_config, cmd_profiles, cmd_tasks
 from apt.cli.models_cmd import add_models_parser, cmd_models
-from apt.cli.train_cmds import cmd_launch, cmd_train
+from apt.cli.train_cmds import cmd_finetune, cmd_launch, cmd_train
 from apt.core.errors import APTError, ConfigError, DistributedError
 from apt.core.logs import install_console_logging
 from apt.core.version import __version__
@@ -37,6 +37,28 @@ def _prog() -> str:
     return "apt-train" if Path(sys.argv[0]).name == "apt-train" else "python -m apt"
 
 
+def _add_run_options(command: argparse.ArgumentParser) -> None:
+    """The options every training command takes."""
+    command.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
+    command.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though resume-critical config keys changed",
+    )
+    command.add_argument(
+        "--new-run",
+        action="store_true",
+        help="move an existing run folder aside and start a new run",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=_prog(), description="APT: config-driven training of transformer LMs."
@@ -46,25 +68,27 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train from a profile")
     train.add_argument("--profile", "-p", required=True, help="profile name or YAML path")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
     train.add_argument("--task", help="training task (same as --set training.task=NAME)")
-    train.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="resume even though resume-critical config keys changed",
+    _add_run_options(train)
+
+    finetune = sub.add_parser(
+        "finetune",
+        help="fine-tune a saved model on prompt/completion or chat examples "
+        "(finetune --profile finetune --model NAME|DIR --data FILE.jsonl)",
     )
-    train.add_argument(
-        "--new-run",
-        action="store_true",
-        help="move an existing run folder aside and start a new run",
+    finetune.add_argument(
+        "--profile", "-p", default="finetune", help="profile name or YAML path (finetune)"
     )
+    finetune.add_argument(
+        "--model",
+        help="the model to start from: a folder (python -m apt export) or a store name "
+        "(python -m apt models list); sets finetune.base_model",
+    )
+    finetune.add_argument("--data", help="training examples (.jsonl); sets data.source.path")
+    finetune.add_argument(
+        "--val-data", help="validation examples (.jsonl); sets data.source.val_path"
+    )
+    _add_run_options(finetune)
 
     profiles = sub.add_parser("profiles", help="list or show profiles")
     psub = profiles.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -121,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
 _COMMANDS = {
     "train": cmd_train,
+    "finetune": cmd_finetune,
     "profiles": cmd_profiles,
     "config": cmd_config,
     "tasks": cmd_tasks,

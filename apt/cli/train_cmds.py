@@ -1,4 +1,5 @@
-"""``train`` and ``launch``: run training in this process, or in N processes through torchrun."""
+"""``train``, ``finetune`` and ``launch``: run training in this process, or in N processes
+through torchrun."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from apt.core.config import load_profile
 from apt.core.cpus import default_cpu_threads
 from apt.core.errors import ConfigError
 
-__all__ = ["cmd_launch", "cmd_train"]
+__all__ = ["cmd_finetune", "cmd_launch", "cmd_train"]
 
 log = logging.getLogger("apt")
 
@@ -40,12 +41,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.task:
         overrides.append(f"training.task={args.task}")
-    cfg = load_profile(args.profile, overrides=overrides)
-    check_device(cfg)
-    from apt.trainops.distributed import exit_process, teardown_distributed
     from apt.trainops.engine import Trainer
 
-    trainer = Trainer.from_config(
+    return _run(Trainer, load_profile(args.profile, overrides=overrides), args)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``finetune --profile finetune --model NAME|DIR --data FILE.jsonl``: ``train`` with
+    ``finetune.base_model`` and the sft source's files set from the flags (``--set`` keys
+    after them win)."""
+    _end_with_launcher()
+    flags = []
+    if args.model:
+        flags.append(f"finetune.base_model={args.model}")
+    if args.data:
+        flags.append(f"data.source.path={args.data}")
+    if args.val_data:
+        flags.append(f"data.source.val_path={args.val_data}")
+    cfg = load_profile(args.profile, overrides=[*flags, *args.overrides])
+    if cfg.finetune.base_model is None:
+        raise ConfigError(
+            f"finetune --profile {args.profile}: which model? Give --model NAME|DIR (a folder "
+            "from python -m apt export, or a name that python -m apt models list shows), or set "
+            "finetune.base_model in the profile. To train a new model use python -m apt train."
+        )
+    from apt.trainops.engine import Finetuner
+
+    return _run(Finetuner, cfg, args)
+
+
+def _run(trainer_cls: Any, cfg: Any, args: argparse.Namespace) -> int:
+    check_device(cfg)
+    from apt.trainops.distributed import exit_process, teardown_distributed
+
+    trainer = trainer_cls.from_config(
         cfg, allow_config_change=args.allow_config_change, new_run=args.new_run
     )
     log.info("run folder: %s", trainer.run_dir)
@@ -103,16 +132,29 @@ def _sample(trainer: Any, model: Any, prompt: str) -> str:
     import torch
 
     tokenizer = trainer.tokenizer
-    ids = torch.tensor([list(tokenizer.encode(prompt))], device=trainer.device)
+    ids = torch.tensor([_prompt_ids(trainer.config.data, tokenizer, prompt)], device=trainer.device)
     gen = torch.Generator(device=trainer.device).manual_seed(trainer.config.training.seed)
     out = model.generate(ids, max_new_tokens=160, temperature=0.8, top_k=40, generator=gen)
     return str(tokenizer.decode(out[0].tolist()))
 
 
+def _prompt_ids(data: Any, tokenizer: Any, prompt: str) -> list[int]:
+    """The sample's prompt: as it is, or for a fine-tuning run, a user turn in the run's chat
+    template followed by the assistant's header (what the model learnt to answer)."""
+    from apt.core.config.data import SFTSource
+
+    if not isinstance(data.source, SFTSource):
+        return list(tokenizer.encode(prompt))
+    from apt.trainops.data.sft import Message, build_template, encode_prompt
+
+    template = build_template(data.source.template, tokenizer)
+    return encode_prompt([Message("user", prompt)], template, tokenizer).tolist()
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
-    if not args.train_args or args.train_args[0] != "train":
+    if not args.train_args or args.train_args[0] not in ("train", "finetune"):
         raise ConfigError(
-            "launch runs a train command: launch --nproc-per-node 2 train --profile P"
+            "launch runs a train or finetune command: launch --nproc-per-node 2 train --profile P"
         )
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run

@@ -123,6 +123,14 @@ class FinetuneConfig(Section):
 
     resume = "critical"  # another set of trained tensors: another run
 
+    base_model: str | None = Field(
+        None,
+        min_length=1,
+        description="The model this run starts from: a folder written by save_pretrained / "
+        "python -m apt export, or a name in the local model store ($APT_HOME). Its config "
+        "replaces the model: section and, unless data.tokenizer is set, its tokenizer reads "
+        "the data. None: the model the model: section describes (or the one passed in).",
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="Parameters that get no gradient and no optimizer state, as name "

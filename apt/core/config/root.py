@@ -96,6 +96,8 @@ class APTConfig(Section):
 
     @model_validator(mode="after")
     def _data_fits_the_model(self) -> APTConfig:
+        if self.finetune.base_model is not None:
+            return self  # model: is the base model's, read at run start and checked there
         kind, vocab = self.data.tokenizer.kind, self.model.vocab_size
         known = TOKENIZER_VOCAB.get(kind)
         problem = known and vocab != "auto" and vocab_mismatch(vocab, kind, known)

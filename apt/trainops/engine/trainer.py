@@ -27,6 +27,11 @@ from apt.trainops.distributed import (
     distributed_errors,
     setup_distributed,
 )
+from apt.trainops.engine.base_model import (
+    check_model_tokenizer,
+    start_from_base,
+    with_given_model,
+)
 from apt.trainops.engine.builders import (
     build_callbacks,
     build_checkpoints,
@@ -178,12 +183,23 @@ class Trainer:
                 defaults = {k: v for k, v in defaults.items() if k not in LENGTH_KEYWORDS}
             keywords = {**defaults, **keywords}
         cfg = config_with_keywords(config, keywords)
+        if cfg.finetune.base_model is not None:
+            if model is not None:
+                raise ConfigError(
+                    f"finetune.base_model is {cfg.finetune.base_model!r} and a model was passed "
+                    "too; give one: drop model=, or unset finetune.base_model."
+                )
+            cfg, model = start_from_base(cfg)
+        elif model is not None:
+            cfg = with_given_model(cfg, model)
         # The tokenizer of the config's data (or of vocab_size: auto): it sizes the model,
         # counts val_bpb, and travels with the model and the run folder.
         own_data = train_dataloader is None and train_dataset is None
         self.tokenizer: Tokenizer | None = None
         if own_data or cfg.model.vocab_size == "auto":
             self.tokenizer = data_tokenizer(cfg.data)
+            if model is not None:
+                check_model_tokenizer(model, self.tokenizer)
             cfg = fit_vocab_size(cfg, self.tokenizer)
         self.config = cfg
         tcfg = cfg.training

@@ -43,7 +43,8 @@ def test_the_critical_keys() -> None:
         "training.seed",
         "training.optimizer.kind",
         "schedules.root",
-        # another set of trained tensors (finetune.lora.merge only shapes the export: free)
+        # another start or another set of trained tensors (lora.merge only shapes the export)
+        "finetune.base_model",
         "finetune.freeze",
         "finetune.lora.rank",
         "finetune.lora.alpha",

@@ -9,6 +9,7 @@ from apt.trainops.data.sft.build import (
     SFTBundle,
     SFTStats,
     build_sft_datasets,
+    build_sft_from_examples,
     encode_example,
     split_examples,
 )
@@ -18,7 +19,7 @@ from apt.trainops.data.sft.dataset import (
     SFTDataset,
     pack_rows,
 )
-from apt.trainops.data.sft.examples import ROLES, Example, Message, read_examples
+from apt.trainops.data.sft.examples import ROLES, Example, Message, parse_example, read_examples
 from apt.trainops.data.sft.templates import (
     TEMPLATES,
     BuiltinTemplate,
@@ -45,11 +46,13 @@ __all__ = [
     "SFTDataset",
     "SFTStats",
     "build_sft_datasets",
+    "build_sft_from_examples",
     "build_template",
     "encode_example",
     "encode_pieces",
     "encode_prompt",
     "pack_rows",
+    "parse_example",
     "read_examples",
     "split_examples",
 ]

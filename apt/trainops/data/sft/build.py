@@ -23,7 +23,14 @@ from apt.trainops.data.sft.examples import Example, read_examples
 from apt.trainops.data.sft.templates import ChatTemplate, build_template, encode_pieces
 from apt.trainops.data.tokenizers import Tokenizer, build_tokenizer
 
-__all__ = ["SFTBundle", "SFTStats", "build_sft_datasets", "encode_example", "split_examples"]
+__all__ = [
+    "SFTBundle",
+    "SFTStats",
+    "build_sft_datasets",
+    "build_sft_from_examples",
+    "encode_example",
+    "split_examples",
+]
 
 log = logging.getLogger("apt")
 
@@ -209,11 +216,40 @@ def build_sft_datasets(cfg: DataConfig, *, seed: int, seq_len: int | None = None
             f"source is {source if isinstance(source, str) else '{kind: ' + source.kind + '}'}. "
             "To fix: set data.source to your examples, or train another task."
         )
-    seq_len = cfg.seq_len if seq_len is None else seq_len
-    tokenizer = build_tokenizer(cfg.tokenizer)
+    train, val = _sides(source, seed=seed)
+    return build_sft_from_examples(
+        train,
+        val,
+        source,
+        tokenizer=build_tokenizer(cfg.tokenizer),
+        seq_len=cfg.seq_len if seq_len is None else seq_len,
+    )
+
+
+def build_sft_from_examples(
+    train: Sequence[Example],
+    val: Sequence[Example],
+    source: SFTSource,
+    *,
+    tokenizer: Tokenizer,
+    seq_len: int,
+) -> SFTBundle:
+    """Render, encode and pack examples already read (:func:`build_sft_datasets` reads them
+    from ``source.path``; ``Finetuner(train_dataset=[{...}, ...])`` has them in memory).
+
+    Args:
+        train / val: the two sides.
+        source: the template, packing and overlong options (its paths are not read).
+        tokenizer: what encodes the text.
+        seq_len: positions per row.
+
+    Raises:
+        ConfigError: a template the tokenizer cannot give.
+        DataError: an example too long under ``overlong: error``, or a side left empty.
+    """
     template = build_template(source.template, tokenizer)
     built = {}
-    for side, examples in zip(("train", "val"), _sides(source, seed=seed), strict=True):
+    for side, examples in (("train", train), ("val", val)):
         encoded, truncated, dropped = _encode_side(
             side, examples, source, template=template, tokenizer=tokenizer, seq_len=seq_len
         )

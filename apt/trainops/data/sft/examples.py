@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from apt.core.errors import DataError
 
-__all__ = ["ROLES", "Example", "Message", "read_examples"]
+__all__ = ["ROLES", "Example", "Message", "parse_example", "read_examples"]
 
 #: The roles a message may have; only ``assistant`` turns are trained on.
 ROLES = ("system", "user", "assistant")
@@ -158,6 +158,28 @@ def _record(line: str, where: str) -> dict[str, Any]:
     return record
 
 
+def parse_example(record: Any, *, fmt: Format = "auto", where: str) -> Example:
+    """One record (a JSON object, or a dict in Python) as an :class:`Example`.
+
+    Args:
+        record: ``{"prompt", "completion"}`` or ``{"messages": [...]}``.
+        fmt: the layout it must have, or ``auto`` (by its keys).
+        where: where it came from (``file:line``, ``train_dataset[3]``), for messages.
+
+    Raises:
+        DataError: not a mapping, a missing key, an empty completion, an unknown role or no
+            assistant turn; the message starts with ``where``.
+    """
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{where}: a {type(record).__name__}, not an object. Each example must be one "
+            f"mapping, such as {_PROMPT_COMPLETION}."
+        )
+    if _layout(record, fmt, where) == "messages":
+        return Example(_messages(record, where), where, "messages")
+    return Example(_prompt_completion(record, where), where, "prompt_completion")
+
+
 def read_examples(path: str | Path, *, fmt: Format = "auto", key: str) -> list[Example]:
     """The examples of one ``.jsonl`` file, in file order.
 
@@ -189,12 +211,7 @@ def read_examples(path: str | Path, *, fmt: Format = "auto", key: str) -> list[E
         if not line.strip():
             continue
         where = f"{file}:{number}"
-        record = _record(line, where)
-        layout = _layout(record, fmt, where)
-        if layout == "messages":
-            examples.append(Example(_messages(record, where), where, "messages"))
-        else:
-            examples.append(Example(_prompt_completion(record, where), where, "prompt_completion"))
+        examples.append(parse_example(_record(line, where), fmt=fmt, where=where))
     if not examples:
         raise DataError(
             f"{key}: {file} holds no example (no non-blank line). Write one JSON object a line, "
