@@ -74,6 +74,12 @@ def add_export_parser(sub: Any) -> None:
         "Face source)",
     )
     ex.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="with --format hf: weights over SIZE (like 500MB, 2GB; default 5GB) are written "
+        "as model-0000K-of-0000N.safetensors shards and model.safetensors.index.json",
+    )
+    ex.add_argument(
         "--force", action="store_true", help="with --name: replace a stored model of that name"
     )
     ex.add_argument(
@@ -187,6 +193,12 @@ def _check_flags(args: argparse.Namespace) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     """Run ``export``; the exit code (errors are raised: the CLI maps them to exit code 2)."""
     fmt = _check_flags(args)
+    if args.max_shard_size is not None:
+        if fmt != "hf":
+            raise ConfigError("export: --max-shard-size goes with --format hf (--output DIR)")
+        from apt.model.interop.shards import parse_size
+
+        parse_size(args.max_shard_size)  # a bad size fails before anything is loaded
     source = _source(Path(args.source).expanduser())
     output = Path(args.output).expanduser() if args.output is not None else None
     if output is not None and output.resolve() == source.path.resolve():
@@ -207,7 +219,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         elif fmt == "hf":
             from apt.model.interop import to_hf
 
-            to_hf(model, output, dtype=dtype)
+            to_hf(model, output, dtype=dtype, max_shard_size=args.max_shard_size)
             where = f"{output} as LlamaForCausalLM (Hugging Face)"
         else:
             from apt.trainops.artifacts.export import write_model

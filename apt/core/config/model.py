@@ -9,7 +9,14 @@ from pydantic import AliasChoices, Field, model_validator
 from apt.core.config.base import Section
 from apt.core.config.schedules import SCHEDULABLE
 
-__all__ = ["PRESETS", "AlignConfig", "MoEConfig", "ModelConfig", "VoterConfig"]
+__all__ = [
+    "PRESETS",
+    "AlignConfig",
+    "MoEConfig",
+    "ModelConfig",
+    "RopeScalingConfig",
+    "VoterConfig",
+]
 
 #: The config block that builds each switchable module.
 _MODULE_BLOCKS = {"moe": "moe", "router": "moe", "align": "align", "voter": "voter"}
@@ -81,6 +88,48 @@ class VoterConfig(Section):
     num_samples: int = Field(5, ge=2, description="Samples drawn per vote.")
 
 
+class RopeScalingConfig(Section):
+    """RoPE frequency scaling, for a context longer than the one the model was trained on.
+
+    ``kind: llama3`` is Llama 3.1's: wavelengths shorter than ``original_max_seq_len /
+    high_freq_factor`` are kept, those longer than ``original_max_seq_len / low_freq_factor``
+    are stretched by ``factor``, and the band between blends the two linearly in
+    ``original_max_seq_len / wavelength``.
+    """
+
+    resume = "critical"  # other frequencies are another network
+
+    kind: Literal["llama3"] = Field(
+        "llama3", description="The scaling rule; llama3 is the one APT computes."
+    )
+    factor: float = Field(gt=0, description="Divides the low frequencies (8 in Llama 3.1).")
+    low_freq_factor: float = Field(
+        1.0,
+        gt=0,
+        description="Wavelengths over original_max_seq_len / low_freq_factor are divided by "
+        "factor in full (1 in Llama 3.1).",
+    )
+    high_freq_factor: float = Field(
+        4.0,
+        gt=0,
+        description="Wavelengths under original_max_seq_len / high_freq_factor are kept as "
+        "they are; must exceed low_freq_factor (4 in Llama 3.1).",
+    )
+    original_max_seq_len: int = Field(
+        ge=1,
+        description="The context length the unscaled model was trained on (8192 in Llama 3.1).",
+    )
+
+    @model_validator(mode="after")
+    def _band_is_ordered(self) -> RopeScalingConfig:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor "
+                f"({self.low_freq_factor}): they bound the band that blends the frequencies"
+            )
+        return self
+
+
 class ModelConfig(Section):
     """A decoder-only causal language model (RoPE, RMSNorm, SwiGLU, tied head)."""
 
@@ -108,6 +157,9 @@ class ModelConfig(Section):
     max_seq_len: int = Field(256, ge=1, description="Longest sequence (RoPE table and KV cache).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention and MLP outputs.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    rope_scaling: RopeScalingConfig | None = Field(
+        None, description="Scale the RoPE frequencies (absent: plain RoPE)."
+    )
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     tie_embeddings: bool = Field(True, description="Share the token embedding and output head.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")

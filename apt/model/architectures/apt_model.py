@@ -116,7 +116,9 @@ class APTModel(nn.Module):
         D, V = config.hidden_size, config.vocab_size
         moe_every = config.moe.every_n_layers if config.moe is not None else 0
         self.embed_tokens = nn.Embedding(V, D)
-        self.rope = RotaryEmbedding(D // config.num_heads, config.max_seq_len, config.rope_theta)
+        self.rope = RotaryEmbedding(
+            D // config.num_heads, config.max_seq_len, config.rope_theta, config.rope_scaling
+        )
         self.blocks = nn.ModuleList(
             Block(config, use_moe=moe_every > 0 and i % moe_every == moe_every - 1)
             for i in range(config.num_layers)

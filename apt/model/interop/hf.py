@@ -6,10 +6,14 @@
     to_hf(model, "exported/")       # config.json, model.safetensors, tokenizer files
     model = from_hf("exported/")    # the same weights, bit for bit
 
+Weights over ``max_shard_size`` (5 GB) are written as shards and their index
+(:mod:`apt.model.interop.shards`), which both functions and transformers read.
+
 The tensor names and the config keys are mapped by :mod:`apt.model.interop.llama`, the
 tokenizer files by :mod:`apt.model.interop.hf_tokenizer`. What the other side cannot hold is
 refused with an :class:`InteropError` naming it: an APT model's MoE layers, align loss and
-voter; a checkpoint's RoPE scaling, biases, other activations or other model types.
+voter; a checkpoint's RoPE scaling other than llama3's, biases, other activations or other
+model types.
 
 Writing is all or nothing: the files go into a staging folder beside the target
 (``.<name>.tmp-<pid>``), which then becomes the target (a new or empty one) or has its files
@@ -30,7 +34,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from apt.core.config.model import ModelConfig
 from apt.core.files import apply_umask
@@ -40,17 +43,27 @@ from apt.model.interop.errors import InteropError
 from apt.model.interop.hf_tokenizer import TOKENIZER_FILES, read_tokenizer, special_ids
 from apt.model.interop.hf_tokenizer import write_tokenizer as _write_tokenizer
 from apt.model.interop.llama import DERIVED_TENSORS, apt_config, hf_config, hf_names, hf_shapes
+from apt.model.interop.shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    is_weights_file,
+    parse_size,
+    plan_shards,
+    write_weights,
+)
 
 __all__ = ["CONFIG_FILE", "INDEX_FILE", "WEIGHTS_FILE", "from_hf", "to_hf"]
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-#: The index of a sharded checkpoint: ``{"weight_map": {tensor name: shard file}}``.
-INDEX_FILE = "model.safetensors.index.json"
-#: Every file :func:`to_hf` may write (a re-export removes the ones it no longer writes).
-_EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
+
+
+def _exported(name: str) -> bool:
+    """Whether :func:`to_hf` may write a file of this name (a re-export removes the ones it no
+    longer writes)."""
+    return name in (CONFIG_FILE, *TOKENIZER_FILES) or is_weights_file(name)
 
 
 # ---------------------------------------------------------------------------- APT -> HF
@@ -82,36 +95,37 @@ def _check_exportable(model: APTModel) -> None:
         )
 
 
-def _hf_tensors(model: APTModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's weights under their Llama names, on the CPU in ``dtype``, each its own copy
-    (safetensors refuses tensors that share memory)."""
-    state = model.state_dict()
-    return {
-        hf: state[name].detach().to("cpu", dtype, copy=True).contiguous()
-        for name, hf in hf_names(model.config).items()
-    }
-
-
-def to_hf(model: APTModel, output: str | Path, *, dtype: torch.dtype | None = None) -> Path:
+def to_hf(
+    model: APTModel,
+    output: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str | None = None,
+) -> Path:
     """Write ``model`` as a Hugging Face Llama folder and return its path.
 
-    The folder holds ``config.json`` (``LlamaForCausalLM``), ``model.safetensors`` and, when
-    ``model.tokenizer`` is set, ``tokenizer.json``, ``tokenizer_config.json`` and
-    ``special_tokens_map.json`` (for the byte tokenizer too: see
-    :mod:`apt.model.interop.hf_tokenizer`), plus APT's ``apt_tokenizer.json``.
+    The folder holds ``config.json`` (``LlamaForCausalLM``), ``model.safetensors`` (or, past
+    ``max_shard_size``, shards ``model-00001-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``) and, when ``model.tokenizer`` is set,
+    ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` (for the
+    byte tokenizer too: see :mod:`apt.model.interop.hf_tokenizer`), plus APT's
+    ``apt_tokenizer.json``.
 
     Args:
         model: the model (a ``torch.compile`` wrapper is unwrapped).
         output: the folder; created, or its files replaced.
         dtype: the dtype of the written weights (``torch.bfloat16`` halves the folder); None:
             the model's own.
+        max_shard_size: the largest weights file, in bytes or as ``"500MB"``, ``"2GB"``,
+            ``"1.5GiB"``; None: 5 GB.
 
     Returns:
         ``output``.
 
     Raises:
         InteropError: the model has MoE layers, the align loss or the voter; ``dtype`` is not
-            a floating-point dtype; or writing failed (``output`` is then as it was).
+            a floating-point dtype; ``max_shard_size`` is not a size; or writing failed
+            (``output`` is then as it was).
     """
     model = getattr(model, "_orig_mod", model)
     if not isinstance(model, APTModel):
@@ -120,6 +134,7 @@ def to_hf(model: APTModel, output: str | Path, *, dtype: torch.dtype | None = No
     dtype = model.embed_tokens.weight.dtype if dtype is None else dtype
     if not dtype.is_floating_point:
         raise InteropError(f"to_hf: dtype must be a floating-point dtype, got {dtype}")
+    max_bytes = parse_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
     tokenizer = model.tokenizer
     eos_id, pad_id = special_ids(tokenizer)
     vocab = model.config.vocab_size
@@ -131,11 +146,19 @@ def to_hf(model: APTModel, output: str | Path, *, dtype: torch.dtype | None = No
             "embedding. Set the tokenizer the model was trained with."
         )
     config = hf_config(model.config, dtype=dtype, eos_id=eos_id, pad_id=pad_id)
-    tensors = _hf_tensors(model, dtype)
+    state = model.state_dict()
+    apt_names = {hf: apt for apt, hf in hf_names(model.config).items()}
+    files = plan_shards(
+        {hf: state[apt].numel() * dtype.itemsize for hf, apt in apt_names.items()}, max_bytes
+    )
+
+    def tensor(hf: str) -> torch.Tensor:
+        # On the CPU in `dtype`, each its own copy (safetensors refuses tensors sharing memory).
+        return state[apt_names[hf]].detach().to("cpu", dtype, copy=True).contiguous()
 
     def write(folder: Path) -> None:
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_weights(folder, files, tensor)
         if tokenizer is not None:
             _write_tokenizer(tokenizer, folder, max_length=model.config.max_seq_len)
 
@@ -147,7 +170,10 @@ def to_hf(model: APTModel, output: str | Path, *, dtype: torch.dtype | None = No
             "AutoTokenizer cannot load it; set model.tokenizer to export one",
             target,
         )
-    log.info("exported %s (%d tensors, %s) as LlamaForCausalLM", target, len(tensors), dtype)
+    shards = f", {len(files)} shards" if len(files) > 1 else ""
+    log.info(
+        "exported %s (%d tensors, %s%s) as LlamaForCausalLM", target, len(apt_names), dtype, shards
+    )
     return target
 
 
@@ -172,8 +198,10 @@ def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
             return
         for item in written:
             os.replace(item, target / item.name)
-        for stale in set(_EXPORT_FILES) - {item.name for item in written}:
-            (target / stale).unlink(missing_ok=True)
+        names = {item.name for item in written}
+        for stale in target.iterdir():
+            if _exported(stale.name) and stale.name not in names and not stale.is_dir():
+                stale.unlink()
         staging.rmdir()
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -339,9 +367,10 @@ def from_hf(path: str | Path, *, dtype: torch.dtype | None = None) -> APTModel:
 
     Raises:
         InteropError: the folder does not exist; its config describes another network
-            (another model_type, RoPE scaling, biases, an activation other than silu,
-            head_dim != hidden_size / num_attention_heads, a sliding window, quantized
-            weights); tensors are missing, extra or of the wrong shape; a file is unreadable.
+            (another model_type, RoPE scaling other than llama3, biases, an activation other
+            than silu, head_dim != hidden_size / num_attention_heads, a sliding window,
+            quantized weights); tensors are missing, extra or of the wrong shape; a file is
+            unreadable.
         ConfigError: the tokenizer files are there but do not make a tokenizer.
     """
     folder = Path(path).expanduser()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from apt.core.config.model import ModelConfig
+from apt.core.config.model import ModelConfig, RopeScalingConfig
 from apt.model.interop.errors import InteropError
 
 __all__ = [
@@ -90,6 +90,14 @@ _REQUIRED = (
 )
 #: Activations transformers computes as ``x * sigmoid(x)`` (its ACT2FN maps both to SiLU).
 _SILU = ("silu", "swish")
+#: The keys of a ``rope_type: llama3`` block transformers requires, with APT's name for each
+#: (``original_max_position_embeddings`` defaults to ``max_position_embeddings``).
+_LLAMA3_KEYS = {
+    "factor": "factor",
+    "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+    "original_max_position_embeddings": "original_max_seq_len",
+}
 
 
 def hf_names(cfg: ModelConfig) -> dict[str, str]:
@@ -144,10 +152,12 @@ def hf_config(
 ) -> dict[str, Any]:
     """The ``config.json`` of ``LlamaForCausalLM`` for the model ``cfg`` describes.
 
-    RoPE is written both ways transformers has spelled it (``rope_theta`` up to 4.x,
-    ``rope_parameters`` from 5.0), so either reads it; APT has no beginning-of-text token.
+    RoPE is written both ways transformers has spelled it (``rope_theta`` and
+    ``rope_scaling`` up to 4.x, ``rope_parameters`` from 5.0), so either reads it; APT has no
+    beginning-of-text token.
     """
     theta = cfg.rope_theta
+    scaling = _hf_rope_scaling(cfg.rope_scaling)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -161,8 +171,8 @@ def hf_config(
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "rope_scaling": scaling,
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": theta},
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -175,6 +185,14 @@ def hf_config(
         "pad_token_id": pad_id,
         "use_cache": True,
     }
+
+
+def _hf_rope_scaling(scaling: RopeScalingConfig | None) -> dict[str, Any] | None:
+    """``model.rope_scaling`` as transformers' ``rope_scaling`` block (None: plain RoPE)."""
+    if scaling is None:
+        return None
+    fields = {hf: getattr(scaling, apt) for hf, apt in _LLAMA3_KEYS.items()}
+    return {"rope_type": scaling.kind, **fields}
 
 
 def _refuse(source: Path, what: str) -> InteropError:
@@ -195,33 +213,55 @@ def _model_type(hf: dict[str, Any], source: Path) -> str:
     raise _refuse(source, f"{why} (APT imports model_type {accepted})")
 
 
-def _rope_theta(hf: dict[str, Any], source: Path, default: float) -> float:
-    """The RoPE base of ``hf``; refused when the frequencies are scaled or partial."""
-    scaling = hf.get("rope_scaling")
-    params = hf.get("rope_parameters")
-    theta = hf.get("rope_theta", default)
-    for key, block in (("rope_scaling", scaling), ("rope_parameters", params)):
-        if block is None:
-            continue
+def _rope(
+    hf: dict[str, Any], source: Path, defaults: dict[str, Any]
+) -> tuple[float, dict[str, Any] | None]:
+    """The RoPE base of ``hf`` and its scaling as ``model.rope_scaling`` fields (None: plain
+    RoPE); refused when the scaling is another kind than llama3, or the rotation partial.
+
+    transformers reads ``rope_scaling`` when it is set (4.x and 5.x alike), else 5.x's
+    ``rope_parameters``; so does this.
+    """
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    block = hf.get(key)
+    theta = hf.get("rope_theta", defaults["rope_theta"])
+    scaling = None
+    if block is not None:
         # transformers 5 writes {"rope_type": "default", "rope_theta": ...} for plain RoPE.
         plain = "default" if key == "rope_parameters" else None
         kind = block.get("rope_type", block.get("type", plain)) if isinstance(block, dict) else None
         nested = isinstance(block, dict) and any(isinstance(v, dict) for v in block.values())
-        if kind != "default" or nested:
+        if kind not in ("default", "llama3") or nested:
             raise _refuse(
                 source,
-                f"{key} is set ({block}); APT's RoPE has no frequency scaling (llama3, yarn, "
-                "linear, dynamic) and one table for every layer: only the plain rotary "
-                "embedding is supported",
+                f"{key} is set ({block}); APT's RoPE has no frequency scaling but llama3's "
+                "(not linear, dynamic, yarn, longrope) and one table for every layer: only the "
+                "plain rotary embedding and rope_type llama3 are supported",
             )
         assert isinstance(block, dict)
         theta = block.get("rope_theta", theta)
+        if kind == "llama3":
+            longest = hf.get("max_position_embeddings", defaults["max_position_embeddings"])
+            scaling = _llama3_scaling(
+                {"original_max_position_embeddings": longest, **block}, key, source
+            )
+    params = hf.get("rope_parameters")
     factor = hf.get("partial_rotary_factor", (params or {}).get("partial_rotary_factor", 1.0))
     if factor != 1.0:
         raise _refuse(
             source, f"partial_rotary_factor is {factor}; APT rotates the whole of every head"
         )
-    return float(theta)
+    return float(theta), scaling
+
+
+def _llama3_scaling(block: dict[str, Any], key: str, source: Path) -> dict[str, Any]:
+    """The ``model.rope_scaling`` fields of a ``rope_type: llama3`` block."""
+    missing = [name for name in _LLAMA3_KEYS if block.get(name) is None]
+    if missing:
+        raise _refuse(
+            source, f"{key} is llama3 but misses {', '.join(missing)}; transformers needs them too"
+        )
+    return {"kind": "llama3", **{apt: block[hf_key] for hf_key, apt in _LLAMA3_KEYS.items()}}
 
 
 def _check_same_math(hf: dict[str, Any], kind: str, source: Path) -> None:
@@ -263,8 +303,8 @@ def apt_config(hf: dict[str, Any], source: Path) -> ModelConfig:
 
     Raises:
         InteropError: another model_type, or a key that makes the math differ from APT's (RoPE
-            scaling, biases, another activation, uneven heads, a sliding window, quantized
-            weights), or sizes that do not make a model.
+            scaling other than llama3, biases, another activation, uneven heads, a sliding
+            window, quantized weights), or sizes that do not make a model.
     """
     kind = _model_type(hf, source)
     missing = [key for key in _REQUIRED if key not in hf]
@@ -278,6 +318,7 @@ def apt_config(hf: dict[str, Any], source: Path) -> ModelConfig:
             raise _refuse(source, f"{key} is {value!r}, not a positive integer")
     _check_same_math(hf, kind, source)
     defaults = _DEFAULTS[kind]
+    theta, scaling = _rope(hf, source, defaults)
     fields = {
         "vocab_size": hf["vocab_size"],
         "hidden_size": hf["hidden_size"],
@@ -286,7 +327,8 @@ def apt_config(hf: dict[str, Any], source: Path) -> ModelConfig:
         "num_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
         "intermediate_size": hf["intermediate_size"],
         "max_seq_len": hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
-        "rope_theta": _rope_theta(hf, source, defaults["rope_theta"]),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
         "norm_eps": hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
         "tie_embeddings": hf.get("tie_word_embeddings", defaults["tie_word_embeddings"]),
         "init_std": hf.get("initializer_range", defaults["initializer_range"]),

@@ -160,7 +160,10 @@ def _edit_config(folder: Path, **changes: object) -> Path:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE has no frequency scaling"),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+            "RoPE has no frequency scaling but llama3's",
+        ),
         (
             {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
             "rope_parameters is set",
