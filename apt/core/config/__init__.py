@@ -7,7 +7,7 @@ frozen :class:`APTConfig` that remembers where every value came from.
 
 from apt.core.config.callbacks import CallbackSpec
 from apt.core.config.data import DataConfig
-from apt.core.config.finetune import FinetuneConfig, LoRAConfig
+from apt.core.config.finetune import FinetuneAlignConfig, FinetuneConfig, LoRAConfig
 from apt.core.config.loader import (
     config_from_dict,
     list_profiles,
@@ -39,6 +39,7 @@ __all__ = [
     "DataConfig",
     "DistributedConfig",
     "EvalConfig",
+    "FinetuneAlignConfig",
     "FinetuneConfig",
     "LoRAConfig",
     "MoEConfig",

@@ -1,4 +1,5 @@
-"""``finetune:`` — train part of a model: freeze parameters by name, or train LoRA adapters.
+"""``finetune:`` — train part of a model: freeze parameters by name, or train LoRA adapters;
+optionally hold it near where it started with a KL regulariser (``align``).
 
 ::
 
@@ -9,6 +10,8 @@
         alpha: 16
         targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
         merge: true                             # export merged weights (false: the adapter alone)
+      align:                                    # KL to the model as fine-tuning found it
+        loss_weight: 0.1
 
 Names are dotted patterns over the parameter (``freeze``, ``lora.trainable``) or module
 (``lora.targets``) names of the model. A pattern matches a name that holds its components one
@@ -36,6 +39,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "NAME_ALIASES",
     "RANGE",
+    "FinetuneAlignConfig",
     "FinetuneConfig",
     "LoRAConfig",
     "pattern_problem",
@@ -117,9 +121,26 @@ class LoRAConfig(Section):
         return _checked(patterns)
 
 
+class FinetuneAlignConfig(Section):
+    """A KL regulariser towards the starting model: ``loss_weight * KL(p_model || p_start)``,
+    averaged over the trained positions (targets != -100), added to the loss. The start is
+    the model before the first step (after LoRA adapters, which start at zero); a resumed run
+    keeps the reference its checkpoint holds. Exports never carry it."""
+
+    resume = "critical"  # another loss: another run
+
+    loss_weight: float = Field(
+        0.1,
+        ge=0,
+        description="Weight of KL(model || starting model) in the loss (0: computed, not "
+        "trained on).",
+    )
+
+
 class FinetuneConfig(Section):
     """Which parameters train: all (the default), all but the ``freeze`` patterns, or LoRA
-    adapters (``lora``) on a frozen base."""
+    adapters (``lora``) on a frozen base; and whether a KL to the starting model (``align``)
+    holds the model near where it started."""
 
     resume = "critical"  # another set of trained tensors: another run
 
@@ -141,6 +162,12 @@ class FinetuneConfig(Section):
     lora: LoRAConfig | None = Field(
         None, description="Train low-rank adapters on a frozen base (None: no adapters)."
     )
+    align: FinetuneAlignConfig | None = Field(
+        None,
+        description="Add KL(model || the model at the start of fine-tuning) to the loss, "
+        "averaged over trained positions (None: no such term). APT models without model.align "
+        "only; the reference copies the parameters that train and is kept out of exports.",
+    )
 
     @field_validator("freeze")
     @classmethod
@@ -149,5 +176,6 @@ class FinetuneConfig(Section):
 
     @property
     def active(self) -> bool:
-        """Whether this run trains anything less than every parameter."""
-        return bool(self.freeze) or self.lora is not None
+        """Whether this section changes the model before training: fewer parameters train,
+        or the KL to the starting model is added."""
+        return bool(self.freeze) or self.lora is not None or self.align is not None

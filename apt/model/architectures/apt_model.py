@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apt.core.config.model import ModelConfig
+from apt.core.config.model import AlignConfig, ModelConfig
 from apt.core.config.schedules import SCHEDULABLE, resolve_attribute
 from apt.core.errors import ConfigError
 from apt.model.architectures.output import ModelOutput
@@ -228,20 +228,47 @@ class APTModel(nn.Module):
                 logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
             )
             if self.align is not None and self.align.enabled:
-                aux_losses["align_kl"] = self._align_loss(input_ids, logits, targets)
+                aux_losses["align_kl"] = self._align_loss(input_ids, logits, targets, document_ids)
             loss = lm_loss + sum(aux_losses.values())
         kept = logits if return_logits or targets is None else None
         return ModelOutput(kept, loss, lm_loss, aux_losses, stats)
 
     def _align_loss(
-        self, input_ids: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        logits: torch.Tensor,  # (B, T, V)
+        targets: torch.Tensor,  # (B, T)
+        document_ids: torch.Tensor | None,
     ) -> torch.Tensor:
         assert self.align is not None
-        with torch.no_grad():
-            # The reference forward gets no targets, so it computes no align loss of its own.
-            ref = torch.func.functional_call(self, self.align.reference(), (input_ids,))
-        kl = kl_divergence(logits, ref.logits, mask=targets != -100)
+        ref_logits = self.reference_logits(input_ids, document_ids=document_ids)  # (B, T, V)
+        # Over the trained positions only: prompt tokens (-100 in sft) are not the model's to
+        # keep near anything.
+        kl = kl_divergence(logits, ref_logits, mask=targets != -100)
         return self.align.loss_weight * kl
+
+    @torch.no_grad()
+    def reference_logits(
+        self, input_ids: torch.Tensor, *, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The align reference's next-token logits (B, T, V), without gradient: this model's
+        forward with the reference tensors in place of the parameters they copy (the others,
+        frozen, as they are), in the current train/eval mode.
+
+        Raises:
+            ValueError: the model has no align loss (``model.align`` or :meth:`attach_align`).
+        """
+        if self.align is None:
+            raise ValueError(
+                "reference_logits: this model has no align reference; configure model.align "
+                "or finetune.align"
+            )
+        # The reference forward gets no targets, so it computes no align loss of its own.
+        ref = torch.func.functional_call(
+            self, self.align.reference(), (input_ids,), {"document_ids": document_ids}
+        )
+        assert ref.logits is not None
+        return ref.logits
 
     # ------------------------------------------------------------------ generation
 
@@ -466,6 +493,33 @@ class APTModel(nn.Module):
         assert self.align is not None
         self.align.take_reference(self.named_parameters())
 
+    def attach_align(self, cfg: AlignConfig) -> AlignLoss:
+        """Switch the align loss on against the model as it is now, on a model built without
+        ``model.align`` (``finetune.align``), and return it. Call it after freezing.
+
+        The reference copies the parameters that train (``requires_grad``) and those of MoE
+        layers (upcycled with it when MoE switches on); a frozen parameter never changes, so
+        the reference forward uses it as it is: with LoRA the copy is the adapters (``B`` = 0,
+        so the reference is the base model), not the frozen base. ``self.config`` keeps
+        ``align: None``, so :meth:`save_pretrained` writes the plain model; checkpoints
+        (``state_dict()``) hold the reference, and loading one restores it.
+
+        Raises:
+            ValueError: the model has an align loss already (``model.align``).
+        """
+        if self.align is not None:
+            raise ValueError("attach_align: the model has an align loss already (model.align)")
+        moe = tuple(f"{name}." for name in self.moe_layers())
+        copied = [
+            (name, p)
+            for name, p in self.named_parameters()
+            if p.requires_grad or name.startswith(moe)
+        ]
+        self.align = AlignLoss(cfg.model_copy(update={"enabled": True}), copied)
+        self.align.to(self.embed_tokens.weight.device)
+        self._take_reference()
+        return self.align
+
     # ------------------------------------------------------------------ utilities
 
     def num_parameters(self, non_embedding: bool = False) -> int:
@@ -492,6 +546,9 @@ class APTModel(nn.Module):
     ) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``; return it.
 
+        The folder holds what ``self.config`` describes: an align reference added by
+        :meth:`attach_align` (fine-tuning's) stays out.
+
         Args:
             directory: the folder (created if missing).
             state_dict: weights to write instead of this module's own (e.g. the full state
@@ -499,6 +556,9 @@ class APTModel(nn.Module):
         """
         from apt.model.architectures.pretrained import save_pretrained
 
+        if self.align is not None and self.config.align is None:
+            state = self.state_dict() if state_dict is None else state_dict
+            state_dict = {k: v for k, v in state.items() if not k.startswith("align.")}
         return save_pretrained(self, directory, state_dict)
 
     @classmethod

@@ -4,6 +4,10 @@ The reference copy lives in persistent buffers (``ref__<parameter name with '.' 
 allocated whenever ``model.align`` is configured. So the optimizer never sees it (buffers are
 not parameters), yet it travels with ``state_dict()`` under the same keys whether align is on
 or off, and a resumed run continues against exactly the same reference.
+
+The copy may cover only some parameters (``finetune.align`` copies those that train): the
+reference forward then uses every other parameter as it is, which is the reference exactly
+when those never change (frozen ones).
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ class AlignLoss(Switchable):
 
     Args:
         cfg: the ``model.align`` section.
-        params: (name, parameter) of every model parameter the reference must cover.
+        params: (name, parameter) of the model parameters the reference copies (all of them
+            for ``model.align``; those that train for ``finetune.align``).
     """
 
     has_reference: torch.Tensor
@@ -73,7 +78,8 @@ class AlignLoss(Switchable):
         return self.enabled and not self._has_reference
 
     def reference(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> its frozen reference tensor."""
+        """Parameter name -> its frozen reference tensor, for every parameter copied (the
+        reference forward uses any other parameter as it is)."""
         return {name: getattr(self, buffer) for name, buffer in self._names.items()}
 
     @torch.no_grad()

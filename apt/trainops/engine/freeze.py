@@ -1,6 +1,7 @@
 """``finetune:`` applied to a model: LoRA adapters on the chosen linear layers, then which
-parameters train (``requires_grad``); the optimizer only ever sees those. Also the export of
-the adapter alone (``finetune.lora.merge: false``).
+parameters train (``requires_grad``); the optimizer only ever sees those; then the KL to the
+starting model (``finetune.align``), whose reference copies the parameters that train. Also
+the export of the adapter alone (``finetune.lora.merge: false``).
 
 The pattern language (documented in :mod:`apt.core.config.finetune`) is matched here, against
 the model's real names: a pattern is a run of dotted components that must appear, in order
@@ -24,12 +25,23 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from apt.core.config.finetune import NAME_ALIASES, RANGE, FinetuneConfig
+from apt.core.config.finetune import NAME_ALIASES, RANGE, FinetuneAlignConfig, FinetuneConfig
+from apt.core.config.model import AlignConfig
 from apt.core.errors import ConfigError
+from apt.model.architectures import APTModel
+from apt.model.layers.align import AlignLoss
 from apt.model.layers.lora import apply_lora, lora_modules, save_adapter
 from apt.trainops.artifacts import ExportError
 
-__all__ = ["FinetunePlan", "apply_finetune", "export_adapter", "match_names", "pattern_matches"]
+__all__ = [
+    "FinetunePlan",
+    "apply_finetune",
+    "attach_align",
+    "check_align_strategy",
+    "export_adapter",
+    "match_names",
+    "pattern_matches",
+]
 
 log = logging.getLogger("apt")
 
@@ -96,6 +108,9 @@ class FinetunePlan:
         trainable_base: base (non-adapter) parameter names that train beside adapters.
         trainable: parameters that train (each tensor counted once).
         total: all parameters (each tensor counted once).
+        reference: the parameter names the ``finetune.align`` reference copies (empty without
+            it); the frozen ones stand for themselves.
+        reference_values: values those copies hold.
     """
 
     adapted: list[str] = field(default_factory=list)
@@ -103,6 +118,8 @@ class FinetunePlan:
     trainable_base: list[str] = field(default_factory=list)
     trainable: int = 0
     total: int = 0
+    reference: list[str] = field(default_factory=list)
+    reference_values: int = 0
 
     def summary(self) -> str:
         """One line: how much trains, and why the rest does not."""
@@ -112,6 +129,10 @@ class FinetunePlan:
             parts.append(f"LoRA adapters on {len(self.adapted)} linear layers")
         if self.frozen:
             parts.append(f"{len(self.frozen)} parameter tensors frozen")
+        if self.reference:
+            parts.append(
+                f"KL to the starting model (reference: {self.reference_values:,} values copied)"
+            )
         return "; ".join(parts)
 
 
@@ -133,11 +154,12 @@ def _tie_notes(model: nn.Module, names: set[str]) -> list[str]:
 def apply_finetune(cfg: FinetuneConfig, *, model: nn.Module) -> FinetunePlan:
     """Add ``cfg.lora``'s adapters to ``model`` (in place, before it is wrapped, sharded or
     compiled), then freeze: with LoRA every base parameter but ``cfg.lora.trainable``; then
-    every parameter ``cfg.freeze`` names (adapters too).
+    every parameter ``cfg.freeze`` names (adapters too); then, with ``cfg.align``, take the
+    model as it now is as the KL reference (:func:`attach_align`).
 
     Raises:
-        ConfigError: a pattern matches nothing, a LoRA target is tied or no linear layer, or
-            nothing is left to train.
+        ConfigError: a pattern matches nothing, a LoRA target is tied or no linear layer,
+            nothing is left to train, or ``cfg.align`` is set for a model that cannot have it.
     """
     plan = FinetunePlan()
     if cfg.lora is not None:
@@ -178,8 +200,56 @@ def apply_finetune(cfg: FinetuneConfig, *, model: nn.Module) -> FinetunePlan:
             "finetune: no parameter is left to train (finetune.freeze matches every trainable "
             "one). To fix: freeze fewer patterns."
         )
+    if cfg.align is not None:
+        reference = attach_align(cfg.align, model=model).reference()
+        plan.reference = list(reference)
+        plan.reference_values = sum(t.numel() for t in reference.values())
     log.info("finetune: %s", plan.summary())
     return plan
+
+
+def check_align_strategy(cfg: FinetuneConfig, *, strategy: str, sharded: bool) -> None:
+    """Refuse ``finetune.align`` where its reference forward would be wrong: with sharded
+    parameters (FSDP, tensor parallel) the strategy's own unsharding, not the reference
+    tensors, decides what the reference forward computes (measured under FSDP on 2 ranks: the
+    losses leave a single process's at the second step, by 2.6%).
+
+    Raises:
+        ConfigError: ``cfg.align`` is set and the strategy shards the parameters.
+    """
+    if cfg.align is not None and sharded:
+        raise ConfigError(
+            f"finetune.align: the KL to the starting model cannot train under "
+            f"training.distributed.strategy {strategy}, which shards the parameters (the "
+            "reference forward would not see the reference weights). To fix: use strategy "
+            "single or ddp, or remove finetune.align."
+        )
+
+
+def attach_align(cfg: FinetuneAlignConfig, *, model: nn.Module) -> AlignLoss:
+    """Switch on ``loss_weight * KL(model || model now)`` (the model's ``align_kl`` loss) with
+    the model as it is now as the reference: after LoRA and freezing, before the first step.
+    The reference copies the parameters that train; a checkpoint holds it, so a resumed run
+    loads it back instead of taking a new one. Returns the model's align module.
+
+    Raises:
+        ConfigError: ``model`` is not an APT model, or it has ``model.align`` already.
+    """
+    if not isinstance(model, APTModel):
+        raise ConfigError(
+            f"finetune.align: the KL to the starting model is computed by an APT model's "
+            f"forward (APTModel and its subclasses); this model is a {type(model).__name__}. "
+            "To fix: remove finetune.align, or fine-tune an APTModel (unwrapped: not "
+            "torch.compile'd or wrapped)."
+        )
+    if model.align is not None:
+        raise ConfigError(
+            "finetune.align: the model has model.align already, an align loss with its own "
+            "reference and switch (model.align.enabled, schedules). To fix: remove "
+            "finetune.align and use model.align, or start from a model saved without "
+            "model.align."
+        )
+    return model.attach_align(AlignConfig(enabled=True, loss_weight=cfg.loss_weight))
 
 
 def export_adapter(

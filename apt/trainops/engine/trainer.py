@@ -45,7 +45,12 @@ from apt.trainops.engine.callbacks.metrics import MetricsLogger
 from apt.trainops.engine.checkpointing import RunRecord
 from apt.trainops.engine.events import Event
 from apt.trainops.engine.float8 import apply_float8
-from apt.trainops.engine.freeze import FinetunePlan, apply_finetune, export_adapter
+from apt.trainops.engine.freeze import (
+    FinetunePlan,
+    apply_finetune,
+    check_align_strategy,
+    export_adapter,
+)
 from apt.trainops.engine.keywords import LENGTH_KEYWORDS, config_with_keywords
 from apt.trainops.engine.loop import TrainingLoop
 from apt.trainops.engine.precision import make_autocast, make_grad_scaler, seed_everything
@@ -154,7 +159,8 @@ class Trainer:
 
     Attributes:
         bundle: what the run trains (model, optimizer, lr_scheduler, scaler, extras).
-        finetune_plan: what ``finetune:`` did to the model (adapters, frozen names), or None.
+        finetune_plan: what ``finetune:`` did to the model (adapters, frozen names, the align
+            reference), or None.
     """
 
     #: Config defaults of this trainer kind (keyword -> value), applied under the caller's own
@@ -260,7 +266,9 @@ class Trainer:
         raw_model = model if model is not None else self.task.build_model(cfg.model)
         _warn_if_made_for_gpus(tcfg, raw_model, env.device)
         # LoRA layers and requires_grad first: the strategy shards, and the optimizer sees,
-        # the parameters that train; a checkpoint holds the adapters as model state.
+        # the parameters that train; a checkpoint holds the adapters as model state. Then the
+        # finetune.align reference, the model as it is before the first step (a resumed run
+        # loads the checkpoint's over it).
         self.finetune_plan: FinetunePlan | None = (
             apply_finetune(cfg.finetune, model=raw_model) if cfg.finetune.active else None
         )
@@ -270,6 +278,9 @@ class Trainer:
             # An APT model without a tokenizer gets the data's: its exports carry it.
             setattr(raw_model, "tokenizer", self.tokenizer)  # noqa: B010 (typed nn.Module)
         self.strategy = build_strategy(tcfg.distributed, env=env, precision=tcfg.precision)
+        check_align_strategy(
+            cfg.finetune, strategy=self.strategy.name, sharded=self.strategy.sharded
+        )
         # One gloo channel for the loop's host sums, one for checkpoint coordination (the
         # async writer thread): collectives from two threads must not share a group.
         timeout = tcfg.distributed.timeout_seconds

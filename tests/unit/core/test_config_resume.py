@@ -52,6 +52,7 @@ def test_the_critical_keys() -> None:
         "finetune.lora.dropout",
         "finetune.lora.targets",
         "finetune.lora.trainable",
+        "finetune.align.loss_weight",
     }
     model_fields = {key for key, _ in field_classes(APTConfig) if key.startswith("model.")}
     assert model_fields and model_fields <= critical  # another network is another run
