@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
@@ -10,6 +11,7 @@ from apt.core.config.base import Section
 from apt.core.config.devices import DEVICE_FORMS, is_device_form
 from apt.core.config.plugins import TaskSpec
 from apt.core.config.resume import CRITICAL
+from apt.core.errors import ConfigError
 
 __all__ = [
     "CheckpointConfig",
@@ -19,7 +21,11 @@ __all__ = [
     "TrainingConfig",
 ]
 
-STRATEGIES = ("single", "ddp", "fsdp")
+STRATEGIES = ("single", "ddp", "fsdp", "tensor")
+#: The mesh dimension each strategy spreads over: the shorthand fills it with the world size.
+STRATEGY_DEGREE = {"single": None, "ddp": "dp_replicate", "fsdp": "dp_shard", "tensor": "tp"}
+#: Mesh dimensions in mesh order (outermost first), as the DeviceMesh names them.
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
 
 class _AdamOptions(Section):
@@ -176,16 +182,62 @@ class FSDPOptions(Section):
 
 
 class DistributedConfig(Section):
-    """How the run is spread over processes; started by ``torchrun`` or ``python -m apt launch``."""
+    """How the run is spread over processes; started by ``torchrun`` or ``python -m apt launch``.
+
+    The parallel degrees (``dp_replicate``, ``dp_shard``, ``tp``) multiply to the world size;
+    ``strategy`` is a shorthand that fills its own degree with what the others leave (``ddp``:
+    ``dp_replicate``, ``fsdp``: ``dp_shard``, ``tensor``: ``tp``). See :meth:`degrees`.
+    """
 
     resume = "free"
 
     enabled: bool | None = Field(
         None, description="Run distributed. None: true for any strategy but 'single'."
     )
-    strategy: Literal["single", "ddp", "fsdp"] = Field("single", description="Parallelism.")
+    strategy: Literal["single", "ddp", "fsdp", "tensor"] = Field(
+        "single",
+        description="Parallelism: single, ddp (dp_replicate), fsdp (dp_shard) or tensor (tp); "
+        "fills its degree with the world size left by the degrees given.",
+    )
     world_size: int | None = Field(
         None, ge=1, description="Expected number of processes; checked against the launcher's."
+    )
+    dp_replicate: int | None = Field(
+        None,
+        ge=1,
+        description="Data-parallel replicas (DDP). None: the world size under strategy ddp, "
+        "else 1.",
+    )
+    dp_shard: int | None = Field(
+        None,
+        ge=1,
+        description="Data-parallel shards (FSDP2). None: the world size under strategy fsdp, "
+        "else 1.",
+    )
+    tp: int | None = Field(
+        None,
+        ge=1,
+        validation_alias=AliasChoices("tp", "tensor_parallel"),
+        description="Tensor-parallel degree (alias tensor_parallel). None: the world size "
+        "under strategy tensor, else 1.",
+    )
+    pp: int = Field(
+        1,
+        ge=1,
+        validation_alias=AliasChoices("pp", "pipeline_parallel"),
+        description="Pipeline stages (alias pipeline_parallel); reserved: only 1 runs today.",
+    )
+    ep: int = Field(
+        1,
+        ge=1,
+        validation_alias=AliasChoices("ep", "expert_parallel"),
+        description="Expert-parallel degree (alias expert_parallel); reserved: only 1 runs today.",
+    )
+    data_parallel: int | None = Field(
+        None,
+        ge=1,
+        description="Seed 002's data-parallel degree: sets dp_shard under strategy fsdp, "
+        "dp_replicate otherwise (give one of the two forms).",
     )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="c10d backend; auto: nccl on CUDA, gloo on CPU."
@@ -208,8 +260,75 @@ class DistributedConfig(Section):
                 "strategy: single"
             )
         if self.enabled is True and self.strategy == "single":
-            raise ValueError("enabled is true but strategy is 'single'; pick ddp or fsdp")
+            raise ValueError("enabled is true but strategy is 'single'; pick ddp, fsdp or tensor")
         return self
+
+    @model_validator(mode="after")
+    def _degrees_agree(self) -> DistributedConfig:
+        try:
+            self._given_degrees()
+            if self.world_size is not None and self.strategy != "single":
+                self.degrees(self.world_size)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def _given_degrees(self) -> dict[str, int | None]:
+        """The degrees as written (``data_parallel`` moved to its field); refuses the reserved
+        and the not yet supported combinations."""
+        for key, what in (("pp", "pipeline"), ("ep", "expert")):
+            if getattr(self, key) > 1:
+                raise ConfigError(
+                    f"training.distributed.{key} is {getattr(self, key)}: {what} parallelism is "
+                    f"not yet supported (issue 17); set {key}: 1"
+                )
+        given: dict[str, int | None] = {dim: getattr(self, dim) for dim in MESH_DIMS}
+        if self.data_parallel is not None:
+            dim = "dp_shard" if self.strategy == "fsdp" else "dp_replicate"
+            if given[dim] is not None and given[dim] != self.data_parallel:
+                raise ConfigError(
+                    f"training.distributed: data_parallel {self.data_parallel} and {dim} "
+                    f"{given[dim]} say the same thing differently; keep one"
+                )
+            given[dim] = self.data_parallel
+        own = STRATEGY_DEGREE[self.strategy]
+        others = [f"{dim} {n}" for dim, n in given.items() if dim != own and (n or 1) > 1]
+        if others:
+            raise ConfigError(
+                f"training.distributed: strategy {self.strategy} with {' and '.join(others)} "
+                "combines parallelisms, which is not yet supported (issue 17); use one strategy "
+                "and leave the other degrees at 1"
+            )
+        return given
+
+    def degrees(self, world_size: int) -> dict[str, int]:
+        """The degree of every mesh dimension (:data:`MESH_DIMS`) on ``world_size`` processes.
+
+        The strategy's own degree, when not given, is what the others leave of the world size;
+        every other degree not given is 1.
+
+        Raises:
+            ConfigError: the degrees do not multiply to ``world_size`` (shows the arithmetic),
+                ``pp``/``ep`` > 1, or a combination that is not supported yet.
+        """
+        given = self._given_degrees()
+        own = STRATEGY_DEGREE[self.strategy]
+        fixed = {dim: n or 1 for dim, n in given.items() if dim != own}
+        rest = math.prod(fixed.values())
+        out = dict(fixed)
+        if own is not None:
+            out[own] = given[own] or max(1, world_size // rest)
+        product = math.prod(out.values())
+        if product != world_size:
+            shown = [f"{dim} {out[dim]}" for dim in MESH_DIMS if out[dim] > 1 or dim == own]
+            arithmetic = " x ".join(shown or ["every degree 1"])
+            raise ConfigError(
+                f"training.distributed: {arithmetic} = {product}, but the world size is "
+                f"{world_size} (torchrun --nnodes x --nproc-per-node): the degrees must multiply "
+                f"to the number of processes. Launch {product} processes, or change the "
+                "degrees."
+            )
+        return {dim: out[dim] for dim in MESH_DIMS}
 
 
 class CheckpointConfig(Section):

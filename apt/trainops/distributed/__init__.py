@@ -1,7 +1,8 @@
-"""Distributed training: the process group, strategies (single, DDP, FSDP2) and their state dicts.
+"""Distributed training: the process group, the DeviceMesh, strategies (single, DDP, FSDP2,
+tensor parallel) and their state dicts.
 
 >>> env = setup_distributed()                                   # doctest: +SKIP
->>> strategy = build_strategy(cfg.training.distributed, env=env)  # doctest: +SKIP
+>>> strategy = build_strategy(cfg.training.distributed, env=env)  # the mesh too  # +SKIP
 >>> model = strategy.apply(model)                               # doctest: +SKIP
 
 Everything here is torch.distributed itself (c10d, DDP, FSDP2 ``fully_shard`` and the
@@ -31,6 +32,7 @@ from apt.trainops.distributed.env import (
     setup_distributed,
     teardown_distributed,
 )
+from apt.trainops.distributed.mesh import MESH_DIMS, ParallelDims, data_parallel_sums
 from apt.trainops.distributed.strategies import (
     STRATEGIES,
     DDPStrategy,
@@ -41,19 +43,23 @@ from apt.trainops.distributed.strategies import (
 )
 
 __all__ = [
+    "MESH_DIMS",
     "STRATEGIES",
     "DDPStrategy",
     "DDPWrapper",
     "DistEnv",
     "FSDPStrategy",
+    "ParallelDims",
     "RankSums",
     "SideChannel",
     "SingleStrategy",
     "Strategy",
+    "TensorStrategy",
     "all_reduce_mean",
     "barrier",
     "build_strategy",
     "check_world_size",
+    "data_parallel_sums",
     "distributed_errors",
     "exit_process",
     "group_rank",
@@ -73,4 +79,8 @@ def __getattr__(name: str) -> Any:
         from apt.trainops.distributed.strategies.fsdp import FSDPStrategy
 
         return FSDPStrategy
+    if name == "TensorStrategy":  # imported on first use: DTensor
+        from apt.trainops.distributed.strategies.tensor import TensorStrategy
+
+        return TensorStrategy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

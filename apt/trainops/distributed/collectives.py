@@ -79,10 +79,14 @@ class SideChannel:
 
     Args:
         timeout_seconds: how long a barrier waits for a peer before failing.
+        ranks: the global ranks of the channel (None: every rank). Every rank creates every
+            channel, also those it is not part of (c10d's rule for new groups).
     """
 
-    def __init__(self, timeout_seconds: float) -> None:
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
+    def __init__(self, timeout_seconds: float, *, ranks: list[int] | None = None) -> None:
+        self.group = dist.new_group(
+            ranks, backend="gloo", timeout=timedelta(seconds=timeout_seconds)
+        )
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""
@@ -117,14 +121,35 @@ class RankSums:
     counts, the stop flag); ``device`` sums a tensor where it lives, on the training group (the
     loss). In a single process both return their input.
 
+    The sums are over the data-parallel ranks; :meth:`any_rank` asks every rank of the run
+    (under tensor parallelism the two differ).
+
     Args:
-        world_size: processes taking part.
+        world_size: data-parallel ranks taking part.
         side: the channel host sums use (None: the training group, or nothing in one process).
+        group: the group device sums use (None: the training group).
+        everyone: a channel of every rank, for :meth:`any_rank` (None: ``side``, the same
+            ranks).
     """
 
-    def __init__(self, world_size: int = 1, side: SideChannel | None = None) -> None:
+    def __init__(
+        self,
+        world_size: int = 1,
+        side: SideChannel | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+        everyone: SideChannel | None = None,
+    ) -> None:
         self.world_size = world_size
         self._side = side
+        self._group = group
+        self._everyone = everyone
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank of the run (a stop request)."""
+        if self._everyone is not None:
+            return self._everyone.reduce(float(flag), dist.ReduceOp.MAX) > 0
+        return self.host(float(flag)) > 0
 
     def host(self, value: float) -> float:
         """``value`` summed over every rank (a float)."""
@@ -140,7 +165,7 @@ class RankSums:
         if self._side is not None:
             return self._side.reduce(value, op)
         total = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
-        dist.all_reduce(total, op=op)
+        dist.all_reduce(total, op=op, group=self._group)
         return float(total.item())
 
     def device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -148,7 +173,7 @@ class RankSums:
         if self.world_size == 1:
             return tensor
         total = tensor.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self._group)
         return total
 
 

@@ -244,7 +244,8 @@ class TrainingLoop:
             self.fire(Event.BATCH_START)
             batch = to_device(batch, self.device)
             last = i == len(micro) - 1
-            with contextlib.nullcontext() if last else self.strategy.no_sync(self.model):
+            sync = contextlib.nullcontext() if last else self.strategy.no_sync(self.model)
+            with self.strategy.train_context(), sync:
                 with self.autocast():
                     out = self.task.train_step(self.model, batch, self.criterion)
                 self.fire(Event.BEFORE_BACKWARD)
@@ -294,8 +295,8 @@ class TrainingLoop:
 
     def _exit_agreed(self) -> bool:
         """Whether any rank received SIGTERM/SIGINT (one tiny host collective when
-        distributed)."""
-        return self.sums.host(float(self._local_exit)) > 0
+        distributed, over every rank: tensor-parallel ranks must stop together too)."""
+        return self.sums.any_rank(self._local_exit)
 
     def _save(self, reason: str) -> None:
         self.guard.check(self.model, before=f"checkpoint of step {self.state.global_step}")

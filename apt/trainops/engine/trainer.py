@@ -21,9 +21,9 @@ from apt.trainops.checkpoints.layout import committed_dirs
 from apt.trainops.data.build import data_tokenizer
 from apt.trainops.data.tokenizers import Tokenizer, token_byte_lengths
 from apt.trainops.distributed import (
-    RankSums,
     SideChannel,
     build_strategy,
+    data_parallel_sums,
     distributed_errors,
     setup_distributed,
 )
@@ -284,7 +284,7 @@ class Trainer:
         # One gloo channel for the loop's host sums, one for checkpoint coordination (the
         # async writer thread): collectives from two threads must not share a group.
         timeout = tcfg.distributed.timeout_seconds
-        self.sums = RankSums(env.world_size, SideChannel(timeout) if env.world_size > 1 else None)
+        self.sums = data_parallel_sums(self.strategy.dims, rank=env.rank, timeout_seconds=timeout)
         # The strategy places the model: FSDP moves it shard by shard, so the whole model never
         # has to fit on one device.
         trained = self.strategy.apply(raw_model)
@@ -358,7 +358,8 @@ class Trainer:
             side=SideChannel(timeout) if env.world_size > 1 else None,
             bundle=self.bundle,
             callbacks=self.callbacks,
-            record=RunRecord.of(cfg, env.world_size),
+            # The data cursor counts batches of the data-parallel ranks (tp ranks share one).
+            record=RunRecord.of(cfg, self.strategy.dims.dp_size),
             allow_config_change=allow_config_change,
             export_final=self._export_final if cfg.artifacts.save_final_model else None,
         )
@@ -460,7 +461,7 @@ class Trainer:
             self.export_model("final_model", step=self.state.global_step)
         except ExportError as exc:
             error = str(exc)
-        if self.env.world_size > 1 and self.sums.host(float(error is not None)) and not error:
+        if self.env.world_size > 1 and self.sums.any_rank(error is not None) and not error:
             error = f"rank {self.env.rank}: the final model export failed on rank 0"
         if error is None:
             return

@@ -1,7 +1,8 @@
-"""Registered strategies: ``single``, ``ddp``, ``fsdp`` (see :func:`build_strategy`).
+"""Registered strategies: ``single``, ``ddp``, ``fsdp``, ``tensor`` (see :func:`build_strategy`).
 
-``FSDPStrategy`` and ``transformer_blocks`` are imported on first use (FSDP2 imports DTensor,
-half a second that a run on one device or DDP never needs).
+``FSDPStrategy``, ``transformer_blocks`` and ``TensorStrategy`` are imported on first use (FSDP2
+and tensor parallelism import DTensor, half a second that a run on one device or DDP never
+needs).
 """
 
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "FSDPStrategy",
     "SingleStrategy",
     "Strategy",
+    "TensorStrategy",
     "build_strategy",
     "transformer_blocks",
     "unwrap_model",
@@ -32,4 +34,8 @@ def __getattr__(name: str) -> Any:
         from apt.trainops.distributed.strategies import fsdp
 
         return getattr(fsdp, name)
+    if name == "TensorStrategy":
+        from apt.trainops.distributed.strategies.tensor import TensorStrategy
+
+        return TensorStrategy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from apt.core.config.training import DistributedConfig
 from apt.core.errors import DistributedError
 from apt.core.registry import Registry
 from apt.trainops.distributed.dtensor import is_dtensor
-from apt.trainops.distributed.env import DistEnv, check_world_size
+from apt.trainops.distributed.env import DistEnv, check_world_size, in_process_group
+from apt.trainops.distributed.mesh import ParallelDims
 from apt.trainops.distributed.state_dicts import (
     StateDict,
     gather_full_state,
@@ -28,6 +29,9 @@ from apt.trainops.distributed.state_dicts import (
     load_sharded_state,
     sharded_state,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["STRATEGIES", "Strategy", "build_strategy", "unwrap_model"]
 
@@ -59,22 +63,37 @@ class Strategy:
         env: this process's :class:`DistEnv` (from :func:`setup_distributed`).
         precision: ``training.precision``, the compute dtype FSDP gathers parameters in when
             ``fsdp.param_dtype`` is not set.
+        dims: the parallel degrees (default: every one 1, or the world size for the strategy's
+            own dimension).
+        mesh: the run's DeviceMesh over ``dims`` (None outside a process group); each
+            strategy applies itself on its sub-mesh (``mesh["tp"]``, ``mesh["dp_shard"]``).
 
     Attributes:
-        name: the registry name (``single``, ``ddp``, ``fsdp``).
-        sharded: parameters are DTensor shards (FSDP inside a process group), so a full state
-            needs a gather, and checkpoints are written shard by shard with DCP.
+        name: the registry name (``single``, ``ddp``, ``fsdp``, ``tensor``).
+        sharded: parameters are DTensor shards (FSDP or tensor parallel inside a process
+            group), so a full state needs a gather, and checkpoints are written shard by shard
+            with DCP.
     """
 
     name: ClassVar[str] = ""
     sharded: bool = False
 
-    def __init__(self, cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        cfg: DistributedConfig,
+        *,
+        env: DistEnv,
+        precision: str = "fp32",
+        dims: ParallelDims | None = None,
+        mesh: DeviceMesh | None = None,
+    ) -> None:
         if precision not in PRECISIONS:
             raise DistributedError(f"unknown precision {precision!r}; use one of {PRECISIONS}.")
         self.cfg = cfg
         self.env = env
         self.precision = precision
+        self.dims = dims or ParallelDims.resolve(cfg, world_size=env.world_size)
+        self.mesh = mesh
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Move ``model`` to this rank's device and wrap/shard it; use the result for training."""
@@ -92,6 +111,12 @@ class Strategy:
     @contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:
         """Skip gradient sync inside the block (all micro-batches of a step but the last)."""
+        yield
+
+    @contextmanager
+    def train_context(self) -> Iterator[None]:
+        """Around one micro-batch's forward and backward (tensor: the loss-parallel
+        cross-entropy, whose backward must run inside it too)."""
         yield
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -148,8 +173,9 @@ class Strategy:
         load_sharded_state(model, optimizer, model_sd, optim_sd)
 
     def sampler_rank_world(self) -> tuple[int, int]:
-        """(this rank's data shard, number of data shards) for the sampler."""
-        return self.env.rank, self.env.world_size
+        """(this rank's data shard, number of data shards) for the sampler: the data-parallel
+        rank and size (every tensor-parallel rank of one data-parallel rank reads the same)."""
+        return self.dims.dp_rank(self.env.rank), self.dims.dp_size
 
     def __repr__(self) -> str:
         return (
@@ -158,18 +184,24 @@ class Strategy:
         )
 
 
-#: Strategies by ``training.distributed.strategy``; FSDP (and the DTensor machinery it needs)
-#: is imported only by a run that chooses it.
+#: Strategies by ``training.distributed.strategy``; FSDP and tensor (and the DTensor machinery
+#: they need) are imported only by a run that chooses them.
 STRATEGIES: Registry[type[Strategy]] = Registry(
-    "strategy", lazy={"fsdp": "apt.trainops.distributed.strategies.fsdp:FSDPStrategy"}
+    "strategy",
+    lazy={
+        "fsdp": "apt.trainops.distributed.strategies.fsdp:FSDPStrategy",
+        "tensor": "apt.trainops.distributed.strategies.tensor:TensorStrategy",
+    },
 )
 
 
 def build_strategy(cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp32") -> Strategy:
-    """The strategy ``cfg.strategy`` names, checked against how the run was launched.
+    """The strategy ``cfg.strategy`` names, checked against how the run was launched, with
+    the run's one DeviceMesh (built here, inside a process group).
 
     Raises:
-        ConfigError: the strategy name is not registered (lists the valid names).
+        ConfigError: the strategy name is not registered (lists the valid names), or the
+            degrees do not multiply to the launcher's world size (shows the arithmetic).
         DistributedError: ``cfg.world_size`` differs from the launcher's, or ``single`` was
             launched on several processes.
     """
@@ -179,6 +211,13 @@ def build_strategy(cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp
         raise DistributedError(
             f"rank {env.rank}: training.distributed.strategy is 'single' but the launcher "
             f"started {env.world_size} processes, which would train {env.world_size} unrelated "
-            "copies. Set training.distributed.strategy=ddp (or fsdp), or launch one process."
+            "copies. Set training.distributed.strategy=ddp (or fsdp, tensor), or launch one "
+            "process."
         )
-    return cls(cfg, env=env, precision=precision)
+    dims = ParallelDims.resolve(cfg, world_size=env.world_size)
+    mesh = None
+    if cfg.strategy != "single" and in_process_group():
+        mesh = dims.build_mesh(env.device.type)
+        if env.is_main:
+            log.info("device mesh: %s (%s)", dims, cfg.strategy)
+    return cls(cfg, env=env, precision=precision, dims=dims, mesh=mesh)

@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from apt.core.config.training import DDPOptions
 from apt.trainops.distributed.ddp_wrapper import DDPWrapper, model_has_moe
 from apt.trainops.distributed.strategies.base import STRATEGIES, Strategy
 
-__all__ = ["DDPStrategy"]
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+__all__ = ["DDPStrategy", "apply_ddp"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,30 @@ def _find_ddp(model: nn.Module) -> DistributedDataParallel | None:
             return None
         model = inner
     return model
+
+
+def apply_ddp(
+    model: nn.Module,
+    opts: DDPOptions,
+    *,
+    dp_mesh: DeviceMesh | None,
+    device: torch.device,
+) -> DistributedDataParallel:
+    """Replicate ``model`` over ``dp_mesh`` (the ``dp_replicate`` sub-mesh; None: every rank)
+    with ``training.distributed.ddp`` options."""
+    find_unused = opts.find_unused_parameters
+    if find_unused is None:
+        find_unused = model_has_moe(model)
+    return DDPWrapper(
+        model,
+        device=device,
+        process_group=dp_mesh.get_group() if dp_mesh is not None else None,
+        bucket_cap_mb=opts.bucket_cap_mb,
+        static_graph=opts.static_graph,
+        find_unused_parameters=find_unused,
+        # Gradients live in the communication buckets: no copy in or out per step.
+        gradient_as_bucket_view=True,
+    )
 
 
 @STRATEGIES.register("ddp")
@@ -44,19 +74,8 @@ class DDPStrategy(Strategy):
         if not (dist.is_available() and dist.is_initialized()):
             log.warning("strategy ddp in a single process without a process group: not wrapped")
             return model
-        opts = self.cfg.ddp
-        find_unused = opts.find_unused_parameters
-        if find_unused is None:
-            find_unused = model_has_moe(model)
-        return DDPWrapper(
-            model,
-            device=self.env.device,
-            bucket_cap_mb=opts.bucket_cap_mb,
-            static_graph=opts.static_graph,
-            find_unused_parameters=find_unused,
-            # Gradients live in the communication buckets: no copy in or out per step.
-            gradient_as_bucket_view=True,
-        )
+        dp_mesh = self.mesh["dp_replicate"] if self.mesh is not None else None
+        return apply_ddp(model, self.cfg.ddp, dp_mesh=dp_mesh, device=self.env.device)
 
     @contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -22,12 +23,12 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.training import DistributedConfig, FSDPOptions
 from apt.core.errors import DistributedError
 from apt.trainops.distributed.env import DistEnv
 from apt.trainops.distributed.strategies.base import Strategy, unwrap_model
 
-__all__ = ["FSDPStrategy", "transformer_blocks"]
+__all__ = ["FSDPStrategy", "apply_fsdp", "transformer_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,36 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def apply_fsdp(
+    model: nn.Module, opts: FSDPOptions, *, dp_mesh: DeviceMesh, mp: MixedPrecisionPolicy
+) -> nn.Module:
+    """Shard ``model`` over ``dp_mesh`` (the ``dp_shard`` sub-mesh): each transformer block
+    one FSDP unit, then the root (in place; returns ``model``)."""
+    offload = CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy()
+    blocks = transformer_blocks(model)
+    if not blocks:
+        log.warning(
+            "fsdp: %s has no blocks/layers ModuleList; sharding it as one unit",
+            type(model).__name__,
+        )
+    # Parameters are moved to the device shard by shard, so the full model never has to
+    # fit on one GPU.
+    for block in blocks:
+        fully_shard(
+            block,
+            mesh=dp_mesh,
+            reshard_after_forward=opts.reshard_after_forward,
+            mp_policy=mp,
+            offload_policy=offload,
+        )
+    # The root's parameters (embedding, head) are needed again right at the start of
+    # backward, so the root keeps them gathered (what torchtitan does too).
+    fully_shard(
+        model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload
+    )
+    return model
+
+
 class FSDPStrategy(Strategy):
     """FSDP2 with ``training.distributed.fsdp`` options.
 
@@ -67,8 +98,8 @@ class FSDPStrategy(Strategy):
 
     name = "fsdp"
 
-    def __init__(self, cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp32") -> None:
-        super().__init__(cfg, env=env, precision=precision)
+    def __init__(self, cfg: DistributedConfig, *, env: DistEnv, **kwargs: Any) -> None:
+        super().__init__(cfg, env=env, **kwargs)
         self.sharded = dist.is_available() and dist.is_initialized()
         if cfg.fsdp.cpu_offload and env.device.type != "cuda":
             raise DistributedError(
@@ -89,36 +120,8 @@ class FSDPStrategy(Strategy):
         if not self.sharded:
             log.warning("strategy fsdp in a single process without a process group: not sharded")
             return model.to(self.env.device)
-        opts = self.cfg.fsdp
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
-        mp_policy = self._mp_policy()
-        offload = CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy()
-        blocks = transformer_blocks(model)
-        if not blocks:
-            log.warning(
-                "fsdp: %s has no blocks/layers ModuleList; sharding it as one unit",
-                type(model).__name__,
-            )
-        # Parameters are moved to the device shard by shard, so the full model never has to
-        # fit on one GPU.
-        for block in blocks:
-            fully_shard(
-                block,
-                mesh=mesh,
-                reshard_after_forward=opts.reshard_after_forward,
-                mp_policy=mp_policy,
-                offload_policy=offload,
-            )
-        # The root's parameters (embedding, head) are needed again right at the start of
-        # backward, so the root keeps them gathered (what torchtitan does too).
-        fully_shard(
-            model,
-            mesh=mesh,
-            reshard_after_forward=False,
-            mp_policy=mp_policy,
-            offload_policy=offload,
-        )
-        return model
+        assert self.mesh is not None  # built by build_strategy inside a process group
+        return apply_fsdp(model, self.cfg.fsdp, dp_mesh=self.mesh["dp_shard"], mp=self._mp_policy())
 
     @contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:

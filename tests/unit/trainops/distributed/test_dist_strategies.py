@@ -49,7 +49,7 @@ class Stack(nn.Module):
 
 
 def test_registry_lists_the_strategies_and_suggests_on_typos() -> None:
-    assert STRATEGIES.names() == ["ddp", "fsdp", "single"]
+    assert STRATEGIES.names() == ["ddp", "fsdp", "single", "tensor"]
     with pytest.raises(ConfigError, match=r"Did you mean 'fsdp'"):
         STRATEGIES.get("fdsp")
 
