@@ -220,97 +220,29 @@ def _tokenizer(flag: str | None, loaded: Any) -> Any:
 
 
 def _load_checkpoint(path: Path) -> _Loaded:
-    """The model of a checkpoint, built from the config it records, with its verified weights.
+    """The plain model of a checkpoint (LoRA adapters merged), rebuilt from its run config.
 
     Raises:
         CheckpointError: no such folder, no checkpoint in it, one that fails verification, or
             one without a run config.
         ConfigError: its config no longer validates, or its task is not a language model.
     """
-    from apt.core.config import config_from_dict
-    from apt.core.config.training import DistributedConfig
-    from apt.model.tokenizers import load_tokenizer
-    from apt.trainops.checkpoints import ShardedStatePayload, describe_parts
-    from apt.trainops.checkpoints.loading import read_checkpoint, read_trainer_state
-    from apt.trainops.distributed import DistEnv, SingleStrategy
     from apt.trainops.engine.tasks import CausalLMTask, build_task
+    from apt.trainops.engine.trained_model import load_trained_model
 
-    ckpt = _verified(path)
-    saved = read_trainer_state(ckpt).get("config")
-    where = ckpt.path / "trainer_state.json"
-    if not isinstance(saved, dict) or not saved:
-        raise CheckpointError(
-            f"{where}: records no run config, so the model cannot be rebuilt. Evaluate a "
-            "checkpoint the Trainer wrote, or export the model and use --model."
-        )
-    cfg = config_from_dict(saved, source=str(where))
-    task = build_task(cfg.training.task)
-    if not isinstance(task, CausalLMTask):
+    trained = load_trained_model(path)
+    task = trained.config.training.task
+    if not isinstance(build_task(task), CausalLMTask):
         raise ConfigError(
-            f"{where}: the run trained the {cfg.training.task.kind!r} task; eval scores "
-            "language models (causal_lm) on text"
+            f"{trained.path / 'trainer_state.json'}: the run trained the {task.kind!r} task; "
+            "eval scores language models (causal_lm, sft) on text"
         )
-    model = task.build_model(cfg.model)
-    payload = ShardedStatePayload(SingleStrategy(DistributedConfig(), env=DistEnv.single()))
-    parts = describe_parts({"model": model})
-    loaded = read_checkpoint(ckpt, payload, parts, rank=0, map_location="cpu", restore_rng=False)
-    run_dir = ckpt.path.parent.parent
-    saved_tokenizer = load_tokenizer(run_dir / "tokenizer")  # the run's own copy
     return _Loaded(
-        model=model,
-        tokenizer=saved_tokenizer or cfg.data.tokenizer,
-        source={"checkpoint": str(ckpt.path.resolve()), "step": loaded.step},
-        json_path=run_dir / "eval.json",
+        model=trained.model,
+        tokenizer=trained.tokenizer,
+        source={"checkpoint": str(trained.path.resolve()), "step": trained.step},
+        json_path=trained.run_dir / "eval.json",
     )
-
-
-def _verified(path: Path) -> Any:
-    """The verified checkpoint ``path`` names: a step folder as it is; a checkpoints folder
-    (or a run folder holding ``checkpoints/``) its newest checkpoint that verifies.
-
-    Raises:
-        CheckpointError: no such folder, no checkpoint there, or none that verifies.
-    """
-    from apt.trainops.checkpoints import verify_checkpoint
-    from apt.trainops.checkpoints.layout import MANIFEST_FILE, committed_dirs
-    from apt.trainops.checkpoints.loading import newest_good_checkpoint
-
-    if not path.is_dir():
-        raise CheckpointError(
-            f"--checkpoint {path}: no such folder. Give a checkpoint step folder "
-            "(<run>/checkpoints/step-000000040) or a checkpoints folder."
-        )
-    if (path / MANIFEST_FILE).exists():
-        try:
-            return verify_checkpoint(path)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"{exc}. Evaluate another checkpoint of {path.parent}, or restore this one "
-                "from a backup."
-            ) from None
-    if not committed_dirs(path) and (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    committed = committed_dirs(path)
-    if not committed:
-        raise CheckpointError(
-            f"--checkpoint {path}: no checkpoint in it (no step-* folder with a "
-            f"{MANIFEST_FILE}). Give a checkpoint step folder or a checkpoints folder."
-        )
-    good = newest_good_checkpoint(path, [], quarantine_bad=False)
-    if good is None:
-        try:
-            verify_checkpoint(committed[-1][1])
-            why = "it does not verify"
-        except CheckpointError as exc:
-            why = str(exc)
-        raise CheckpointError(
-            f"--checkpoint {path}: none of its {len(committed)} checkpoint(s) verifies (the "
-            f"newest, {committed[-1][1].name}: {why}); restore one from a backup"
-        )
-    skipped = [p.name for step, p in committed if step > good.manifest.step]
-    if skipped:
-        log.warning("skipped newer checkpoint(s) that do not verify: %s", ", ".join(skipped))
-    return good
 
 
 def _text_dataset(path: Path, tokenizer: Any, seq_len: int) -> tuple[Any, Any]:

@@ -23,6 +23,7 @@ from apt.core.errors import CheckpointError
 from apt.trainops.checkpoints.errors import CheckpointMismatchError
 from apt.trainops.checkpoints.fsio import refused
 from apt.trainops.checkpoints.layout import (
+    MANIFEST_FILE,
     TRAINER_STATE_FILE,
     committed_dirs,
     parse_step,
@@ -43,6 +44,7 @@ __all__ = [
     "read_checkpoint",
     "read_trainer_state",
     "resolve_checkpoint",
+    "verified_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -260,3 +262,48 @@ def read_checkpoint(
         metrics=ckpt.manifest.metrics,
         rng_state=rng_state,
     )
+
+
+def verified_checkpoint(path: Path) -> VerifiedCheckpoint:
+    """The verified checkpoint ``path`` names: a step folder as it is; a checkpoints folder
+    (or a run folder holding ``checkpoints/``) its newest checkpoint that verifies.
+
+    Raises:
+        CheckpointError: no such folder, no checkpoint there, or none that verifies.
+    """
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{path}: no such folder. Give a checkpoint step folder "
+            "(<run>/checkpoints/step-000000040) or a checkpoints folder."
+        )
+    if (path / MANIFEST_FILE).exists():
+        try:
+            return verify_checkpoint(path)
+        except CheckpointError as exc:
+            raise CheckpointError(
+                f"{exc}. Use another checkpoint of {path.parent}, or restore this one from "
+                "a backup."
+            ) from None
+    if not committed_dirs(path) and (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    committed = committed_dirs(path)
+    if not committed:
+        raise CheckpointError(
+            f"{path}: no checkpoint in it (no step-* folder with a "
+            f"{MANIFEST_FILE}). Give a checkpoint step folder or a checkpoints folder."
+        )
+    good = newest_good_checkpoint(path, [], quarantine_bad=False)
+    if good is None:
+        try:
+            verify_checkpoint(committed[-1][1])
+            why = "it does not verify"
+        except CheckpointError as exc:
+            why = str(exc)
+        raise CheckpointError(
+            f"{path}: none of its {len(committed)} checkpoint(s) verifies (the "
+            f"newest, {committed[-1][1].name}: {why}); restore one from a backup"
+        )
+    skipped = [p.name for step, p in committed if step > good.manifest.step]
+    if skipped:
+        log.warning("skipped newer checkpoint(s) that do not verify: %s", ", ".join(skipped))
+    return good

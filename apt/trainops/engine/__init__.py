@@ -27,9 +27,11 @@ __all__ = [
     "StepOutput",
     "TrainResult",
     "TrainState",
+    "TrainedModel",
     "Trainer",
     "TrainingBundle",
     "TrainingTask",
+    "load_trained_model",
 ]
 
 _HOMES = {
@@ -40,6 +42,8 @@ _HOMES = {
     "Control": "apt.trainops.engine.state",
     "RunState": "apt.trainops.engine.state",
     "TrainState": "apt.trainops.engine.state",
+    "TrainedModel": "apt.trainops.engine.trained_model",
+    "load_trained_model": "apt.trainops.engine.trained_model",
     "StepOutput": "apt.trainops.engine.tasks",
     "TrainingTask": "apt.trainops.engine.tasks",
     "Finetuner": "apt.trainops.engine.recipes",
@@ -75,6 +79,7 @@ if TYPE_CHECKING:
     from apt.trainops.engine.recipes import Finetuner, PreTrainer
     from apt.trainops.engine.state import Control, RunState, TrainState
     from apt.trainops.engine.tasks import StepOutput, TrainingTask
+    from apt.trainops.engine.trained_model import TrainedModel, load_trained_model
     from apt.trainops.engine.trainer import Trainer, TrainResult
     from apt.trainops.plugins import CALLBACKS, TASKS
 

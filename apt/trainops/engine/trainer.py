@@ -367,14 +367,16 @@ class Trainer:
     def _flops_per_token(self, model: nn.Module, *, built_here: bool) -> float:
         """Training FLOPs per token for the MFU estimate: 6 x the parameters that multiply
         (every one but an embedding table that is only looked up; a table tied to the output
-        head multiplies there, so it counts), plus attention's share when the shape is known
-        (a model built from ``cfg.model``)."""
+        head multiplies there, so it counts), 4 x for frozen ones (no weight gradient), plus
+        attention's share when the shape is known (a model built from ``cfg.model``)."""
         params = multiplying_parameters(model)
+        trainable = multiplying_parameters(model, trainable_only=True)
         if not built_here:
-            return flops_per_token(params)
+            return flops_per_token(params, trainable_params=trainable)
         shape = self.config.model
         return flops_per_token(
             params,
+            trainable_params=trainable,
             num_layers=shape.num_layers,
             hidden_size=shape.hidden_size,
             seq_len=self.config.data.seq_len,

@@ -107,6 +107,7 @@ def peak_flops(device: torch.device | str, override: float | None = None) -> flo
 def flops_per_token(
     num_params: int,
     *,
+    trainable_params: int | None = None,
     num_layers: int | None = None,
     hidden_size: int | None = None,
     seq_len: int | None = None,
@@ -114,19 +115,32 @@ def flops_per_token(
     """Training FLOPs per token: ``6 N``, plus ``12 L H T`` for attention when the shape is
     known (all three of ``num_layers``, ``hidden_size``, ``seq_len``).
 
+    With frozen parameters (``trainable_params`` N_t < N) the count is ``4 N + 2 N_t``: every
+    matrix product runs forward (2 N) and passes gradients to its input (2 N), but only
+    those that train compute their weight gradient (2 N_t). Layers before the first that
+    trains need no input gradient either, so a frozen prefix is counted above what it costs.
+
     Args:
         num_params: N, the parameters the matmuls use (commonly without embedding tables).
+        trainable_params: those of them that train; None: all of them.
 
     Raises:
-        ValueError: a negative count.
+        ValueError: a negative count, or more trainable parameters than parameters.
 
     >>> flops_per_token(1000, num_layers=2, hidden_size=8, seq_len=16)
     9072.0
+    >>> flops_per_token(1000, trainable_params=100)
+    4200.0
     """
+    trainable = num_params if trainable_params is None else trainable_params
     shape = (num_layers, hidden_size, seq_len)
-    if num_params < 0 or any(v is not None and v < 0 for v in shape):
+    if num_params < 0 or trainable < 0 or any(v is not None and v < 0 for v in shape):
         raise ValueError(f"flops_per_token: counts must not be negative, got {num_params}, {shape}")
-    flops = 6.0 * num_params
+    if trainable > num_params:
+        raise ValueError(
+            f"flops_per_token: {trainable} trainable parameters of {num_params} in all"
+        )
+    flops = 4.0 * num_params + 2.0 * trainable
     if num_layers is not None and hidden_size is not None and seq_len is not None:
         flops += 12.0 * num_layers * hidden_size * seq_len
     return flops
@@ -149,10 +163,11 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak: float, world_siz
     return tokens_per_second * flops_per_token / (peak * world_size)
 
 
-def multiplying_parameters(model: nn.Module) -> int:
+def multiplying_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
     """The parameters of ``model`` that take part in matrix products: every one but an
     embedding table that is only looked up (a table tied to the output head multiplies there,
-    so it counts once); the ``N`` of :func:`flops_per_token`."""
+    so it counts once); the ``N`` of :func:`flops_per_token` (with ``trainable_only``: those
+    that train, its ``N_t``)."""
     from torch import nn
 
     multiplying = {
@@ -162,8 +177,12 @@ def multiplying_parameters(model: nn.Module) -> int:
         for p in module.parameters(recurse=False)
     }
     lookups = {
-        id(module.weight): module.weight.numel()
+        id(module.weight)
         for module in model.modules()
         if isinstance(module, nn.Embedding) and id(module.weight) not in multiplying
     }
-    return sum(p.numel() for p in model.parameters()) - sum(lookups.values())
+    return sum(
+        p.numel()
+        for p in model.parameters()
+        if id(p) not in lookups and (p.requires_grad or not trainable_only)
+    )

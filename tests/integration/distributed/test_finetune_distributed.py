@@ -95,3 +95,16 @@ def test_an_fsdp_lora_run_resumed_from_its_checkpoint_ends_where_the_uninterrupt
     resumed, whole = work / "runs" / name, runs["lora-fsdp"]
     assert tr.train_losses(resumed) == tr.train_losses(whole)  # exactly
     assert tr.bitwise_equal(tr.final_weights(resumed), tr.final_weights(whole))
+
+
+def test_an_fsdp_lora_checkpoint_loads_in_one_process_as_the_merged_final_model(
+    runs: dict[str, Path],
+) -> None:
+    from apt.trainops.engine import load_trained_model
+
+    trained = load_trained_model(runs["lora-fsdp"] / "checkpoints")  # DCP shards of 2 ranks
+    assert trained.step == 20 and len(trained.merged) == 14
+    state = trained.model.state_dict()
+    final = tr.final_weights(runs["lora-fsdp"])
+    assert set(final) <= set(state)
+    assert tr.bitwise_equal({k: state[k] for k in final}, final)

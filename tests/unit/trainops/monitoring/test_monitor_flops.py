@@ -91,3 +91,21 @@ def test_a_looked_up_table_does_not_count_but_a_tied_head_does() -> None:
     body = 8 * 8 + 8
     assert multiplying_parameters(LM(tied=False)) == body + 100 * 8  # the head, not the table
     assert multiplying_parameters(LM(tied=True)) == body + 100 * 8  # the shared matrix once
+
+
+def test_frozen_parameters_count_four_flops_not_six() -> None:
+    from torch import nn
+
+    from apt.trainops.monitoring import multiplying_parameters
+
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Linear(8, 8), nn.Linear(8, 100))
+    n = 8 * 8 + 8 + 8 * 100 + 100
+    assert multiplying_parameters(model) == multiplying_parameters(model, trainable_only=True) == n
+    assert flops_per_token(n, trainable_params=n) == flops_per_token(n) == 6.0 * n
+    model[2].requires_grad_(False)
+    model[0].requires_grad_(False)  # looked up only: never counted
+    trainable = multiplying_parameters(model, trainable_only=True)
+    assert trainable == 8 * 8 + 8
+    assert flops_per_token(n, trainable_params=trainable) == 4.0 * n + 2.0 * trainable
+    with pytest.raises(ValueError, match="trainable parameters of"):
+        flops_per_token(10, trainable_params=11)
