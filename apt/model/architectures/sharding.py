@@ -15,6 +15,12 @@ Parameters the plan does not name (norms, the MoE router and experts) stay whole
 rank; their gradients are the same on every rank because each split region gathers its
 input gradient. A parameter tied to another (the head to the embedding) is tied again after
 both are split.
+
+Sequence parallelism (:class:`SequencePlan`) also splits what lies between the split regions
+along the sequence: the ``sharded`` modules (norms, dropout) run on T / tp positions per rank,
+the ``gathered`` regions (attention, the MLP) all-gather their input to the whole sequence,
+and their row-parallel outputs (and the embedding's) are reduce-scattered back to sequence
+shards instead of all-reduced.
 """
 
 from __future__ import annotations
@@ -22,9 +28,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["APT_TENSOR_PLAN", "TensorPlan", "TensorStyle"]
+__all__ = ["APT_TENSOR_PLAN", "SequencePlan", "TensorPlan", "TensorStyle"]
 
 TensorStyle = Literal["colwise", "rowwise", "vocab"]
+
+
+@dataclass(frozen=True)
+class SequencePlan:
+    """Where a model's activations are sequence shards under sequence parallelism.
+
+    Attributes:
+        sharded: module name patterns that run on this rank's positions (B, T / tp, D): norms
+            (their weights replicated) and dropout. Each must be position-wise.
+        gathered: module name patterns whose first input is all-gathered to the whole
+            sequence (B, T, D) before they run (attention sees every position, RoPE and the
+            document mask apply unchanged); each must end in a ``rowwise`` layer of the plan,
+            whose output goes back to sequence shards.
+    """
+
+    sharded: tuple[str, ...]
+    gathered: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -37,10 +60,12 @@ class TensorPlan:
             ``vocab``).
         heads: module name pattern -> the attributes that count attention heads; each must be
             divisible by the tensor-parallel degree, and becomes the local count.
+        sequence: how the model runs under sequence parallelism; None: it cannot.
     """
 
     layers: dict[str, TensorStyle]
     heads: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    sequence: SequencePlan | None = None
 
 
 #: APTModel's plan (blocks: attention and dense SwiGLU; the embedding and tied head by vocab).
@@ -57,4 +82,8 @@ APT_TENSOR_PLAN = TensorPlan(
         "lm_head": "vocab",
     },
     heads={"blocks.*.attn": ("num_heads", "num_kv_heads")},
+    sequence=SequencePlan(
+        sharded=("blocks.*.attn_norm", "blocks.*.mlp_norm", "blocks.*.dropout", "norm"),
+        gathered=("blocks.*.attn", "blocks.*.mlp"),
+    ),
 )

@@ -97,6 +97,7 @@ def read_dcp_into(
     """
     _require_metadata(folder)
     try:
+        _drop_unsaved_optimizer_state(state, folder)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a")
             dcp.load(
@@ -244,6 +245,21 @@ def read_dcp_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     }
     read_dcp_into(state, folder, no_dist=True)
     return state
+
+
+def _drop_unsaved_optimizer_state(state: StateDict, folder: Path) -> None:
+    """Leave out of an optimizer's load target the parameters the checkpoint has no state
+    for, in place: a parameter that never had a gradient (the dense MLP of an MoE layer that
+    is on) has no optimizer state when saved, while a new optimizer's target lists every
+    parameter. Such a parameter stays without state, as it was in the saved run."""
+    per_param = state.get("state")
+    if not isinstance(per_param, dict) or "param_groups" not in state:
+        return  # not an optimizer's state dict
+    saved = SafeFileSystemReader(folder).read_metadata().state_dict_metadata
+    prefixes = {key.rsplit(".", 1)[0] for key in saved if key.startswith("state.")}
+    for name in list(per_param):
+        if f"state.{name}" not in prefixes:
+            del per_param[name]
 
 
 def _require_metadata(folder: Path) -> None:

@@ -2,14 +2,17 @@
 
 Ranks are laid out as torchtitan's ParallelDims lays them out, the innermost dimension last::
 
-    rank = (r * dp_shard + s) * tp + t        r: dp_replicate, s: dp_shard, t: tp coordinate
+    rank = ((p * dp_replicate + r) * dp_shard + s) * tp + t
+                                    p: pp, r: dp_replicate, s: dp_shard, t: tp coordinate
 
 so the ranks of one tensor-parallel group are neighbours (on one node, where the links are
-fast), and the ranks that share a ``t`` coordinate form one data-parallel group: they read
-different data, while all ``tp`` ranks of a data-parallel rank read the same batch.
+fast), and the ranks that share the ``p`` and ``t`` coordinates form one data-parallel group:
+they read different data, while all ``tp`` ranks and all pipeline stages of a data-parallel
+rank read the same batch. The pipeline dimension is outermost: its point-to-point sends are
+the smallest traffic, the one that may cross nodes.
 
 >>> dims = ParallelDims.resolve(cfg.training.distributed, world_size=4)   # doctest: +SKIP
->>> mesh = dims.build_mesh("cpu")          # dims ("dp_replicate", "dp_shard", "tp")  # +SKIP
+>>> mesh = dims.build_mesh("cpu")   # dims ("pp", "dp_replicate", "dp_shard", "tp")  # +SKIP
 >>> mesh["tp"]                             # the sub-mesh apply_tp takes    # doctest: +SKIP
 """
 
@@ -38,8 +41,10 @@ class ParallelDims:
         dp_replicate: data-parallel replicas (DDP).
         dp_shard: data-parallel shards (FSDP2).
         tp: tensor-parallel degree.
+        pp: pipeline-parallel degree (ranks the model's stages are spread over).
     """
 
+    pp: int = 1
     dp_replicate: int = 1
     dp_shard: int = 1
     tp: int = 1
@@ -59,7 +64,7 @@ class ParallelDims:
     @property
     def world_size(self) -> int:
         """Processes the degrees fill."""
-        return self.dp_replicate * self.dp_shard * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
 
     @property
     def dp_size(self) -> int:
@@ -68,30 +73,47 @@ class ParallelDims:
 
     def dp_rank(self, rank: int) -> int:
         """The data-parallel rank of global ``rank`` (which share of the data it reads)."""
-        return rank // self.tp
+        return (rank // self.tp) % self.dp_size
 
     def dp_groups(self) -> list[list[int]]:
-        """The global ranks of every data-parallel group (one per tp coordinate)."""
-        return [list(range(t, self.world_size, self.tp)) for t in range(self.tp)]
+        """The global ranks of every data-parallel group (one per pp and tp coordinate)."""
+        block = self.dp_size * self.tp  # the ranks of one pipeline stage
+        return [
+            list(range(p * block + t, (p + 1) * block, self.tp))
+            for p in range(self.pp)
+            for t in range(self.tp)
+        ]
+
+    def pp_rank(self, rank: int) -> int:
+        """The pipeline coordinate of global ``rank`` (which stages it holds)."""
+        return rank // (self.dp_size * self.tp)
+
+    def pp_groups(self) -> list[list[int]]:
+        """The global ranks of every pipeline (one per data-parallel and tp coordinate), in
+        stage order."""
+        block = self.dp_size * self.tp
+        return [list(range(i, self.world_size, block)) for i in range(block)]
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The run's one DeviceMesh, dimensions :data:`MESH_DIMS`. Collective: every rank
         builds it at the same point, inside a started process group."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        shape = (self.dp_replicate, self.dp_shard, self.tp)
+        shape = (self.pp, self.dp_replicate, self.dp_shard, self.tp)
         return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
 
     def __str__(self) -> str:
-        return " x ".join(f"{dim} {getattr(self, dim)}" for dim in MESH_DIMS)
+        shown = [dim for dim in MESH_DIMS if dim != "pp" or self.pp > 1]
+        return " x ".join(f"{dim} {getattr(self, dim)}" for dim in shown)
 
 
 def data_parallel_sums(dims: ParallelDims, *, rank: int, timeout_seconds: float) -> RankSums:
     """The loop's :class:`RankSums` over this rank's data-parallel group.
 
     Target counts, the loss and metrics are summed over the data-parallel ranks only (the tp
-    ranks of one data-parallel rank hold the same batch); whether to stop for a signal is
-    agreed by every rank. Collective to create: every rank calls it at the same point.
+    ranks and pipeline stages of one data-parallel rank hold the same batch); whether to stop
+    for a signal is agreed by every rank. Collective to create: every rank calls it at the
+    same point.
     """
     world = dims.world_size
     if world == 1:
@@ -99,7 +121,7 @@ def data_parallel_sums(dims: ParallelDims, *, rank: int, timeout_seconds: float)
     if dims.dp_size == world:  # data parallel only: one group of everyone, as before
         return RankSums(world, SideChannel(timeout_seconds))
     everyone = SideChannel(timeout_seconds)
-    if dims.dp_size == 1:  # tensor parallel only: nothing to sum, one batch for all
+    if dims.dp_size == 1:  # tensor or pipeline parallel only: one batch for all, no sum
         return RankSums(1, None, everyone=everyone)
     side: SideChannel | None = None
     group: dist.ProcessGroup | None = None

@@ -232,4 +232,8 @@ def load_sharded_state(
     if optimizer is None:
         return
     optimizer.zero_grad(set_to_none=True)
-    _dcp_state_dict().set_optimizer_state_dict(model, optimizer, optim_sd)
+    # strict=False: a parameter that never had a gradient (the dense MLP of an MoE layer that
+    # is on) was saved without optimizer state and stays without it; the read left it out
+    # (apt.trainops.checkpoints.dcp). Every other key must still be there to be read.
+    options = _dcp_state_dict().StateDictOptions(strict=False)
+    _dcp_state_dict().set_optimizer_state_dict(model, optimizer, optim_sd, options=options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,6 +64,49 @@ class SavePoints(Protocol):
     def finish(self) -> None:
         """Wait for the save in flight and report it."""
         ...
+
+
+class _StepWork:
+    """One step's micro-batches for :meth:`Strategy.forward_backward` (the
+    :class:`~apt.trainops.distributed.MicroBatches` protocol): the loop's events, task,
+    autocast and scaler around the strategy's work."""
+
+    def __init__(self, loop: TrainingLoop, batches: list[Any], counts: list[int], scale: float):
+        self.loop, self.scale = loop, scale
+        self.batches: Sequence[Any] = batches
+        self.counts: Sequence[int] = counts
+
+    def begin(self, i: int) -> Any:
+        self.loop.fire(Event.BATCH_START)
+        return to_device(self.batches[i], self.loop.device)
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        loop = self.loop
+        with loop.autocast():
+            return loop.task.train_step(loop.model, batch, loop.criterion).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with self.backward_events():
+            self.loop.scaler.scale(loss).backward()
+
+    @contextlib.contextmanager
+    def backward_events(self) -> Iterator[None]:
+        self.loop.fire(Event.BEFORE_BACKWARD)
+        yield
+        self.loop.fire(Event.AFTER_BACKWARD)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return self.loop.autocast()
+
+    def token_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loop.task.token_targets(batch)
+
+    def end(self, loss: torch.Tensor) -> None:
+        state = self.loop.state
+        state.batch_loss = loss.detach()  # read (and synced) only by who looks
+        state.batch_in_epoch += 1
+        state.micro_batch += 1
+        self.loop.fire(Event.BATCH_END)
 
 
 class TrainingLoop:
@@ -239,23 +282,8 @@ class TrainingLoop:
         # Weight each micro-batch by its share of the step's targets over all ranks; DDP then
         # averages over ranks, so the update equals one large batch of every target.
         scale = self.sums.world_size / global_count
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-        for i, batch in enumerate(micro):
-            self.fire(Event.BATCH_START)
-            batch = to_device(batch, self.device)
-            last = i == len(micro) - 1
-            sync = contextlib.nullcontext() if last else self.strategy.no_sync(self.model)
-            with self.strategy.train_context(), sync:
-                with self.autocast():
-                    out = self.task.train_step(self.model, batch, self.criterion)
-                self.fire(Event.BEFORE_BACKWARD)
-                self.scaler.scale(out.loss * (counts[i] * scale)).backward()
-                self.fire(Event.AFTER_BACKWARD)
-            state.batch_loss = out.loss.detach()  # read (and synced) only by who looks
-            loss_sum += state.batch_loss.float() * counts[i]
-            state.batch_in_epoch += 1
-            state.micro_batch += 1
-            self.fire(Event.BATCH_END)
+        # The strategy runs the micro-batches (one by one, or a pipeline schedule all at once).
+        loss_sum = self.strategy.forward_backward(self.model, _StepWork(self, micro, counts, scale))
         # The loss stays on the device (read only when someone looks); whether any rank got
         # SIGTERM/SIGINT is summed on the host, so every rank agrees to stop at the end of this
         # very step without waiting for the device.

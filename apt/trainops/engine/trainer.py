@@ -278,6 +278,7 @@ class Trainer:
             # An APT model without a tokenizer gets the data's: its exports carry it.
             setattr(raw_model, "tokenizer", self.tokenizer)  # noqa: B010 (typed nn.Module)
         self.strategy = build_strategy(tcfg.distributed, env=env, precision=tcfg.precision)
+        tcfg.distributed.check_sequence_length(cfg.data.seq_len, tp=self.strategy.dims.tp)
         check_align_strategy(
             cfg.finetune, strategy=self.strategy.name, sharded=self.strategy.sharded
         )

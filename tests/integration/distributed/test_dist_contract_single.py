@@ -23,7 +23,9 @@ def test_single_contract(results: dict, check: str) -> None:
 
 
 def test_every_registered_strategy_is_contract_tested() -> None:
-    # single here; ddp and fsdp on two processes in test_dist_multiprocess.py; tensor (whose
-    # ranks share one batch, which this contract's data split does not know) through the
-    # Trainer against one process in test_tensor_parallel.py
-    assert STRATEGIES.names() == ["ddp", "fsdp", "single", "tensor"]
+    # single here; ddp and fsdp on two processes in test_dist_multiprocess.py; tensor,
+    # sequence, hybrid and pipeline (whose ranks share one batch, which this contract's data
+    # split does not know) through the Trainer against one process in test_tensor_parallel.py,
+    # test_sequence_parallel.py, test_hybrid_parallel.py and test_pipeline_parallel.py
+    names = ["ddp", "expert", "fsdp", "hybrid", "pipeline", "sequence", "single", "tensor"]
+    assert STRATEGIES.names() == names

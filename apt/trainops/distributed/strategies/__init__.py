@@ -1,14 +1,16 @@
-"""Registered strategies: ``single``, ``ddp``, ``fsdp``, ``tensor`` (see :func:`build_strategy`).
+"""Registered strategies: ``single``, ``ddp``, ``fsdp``, ``tensor``, ``sequence``, ``hybrid``,
+``pipeline`` (see :func:`build_strategy`).
 
-``FSDPStrategy``, ``transformer_blocks`` and ``TensorStrategy`` are imported on first use (FSDP2
-and tensor parallelism import DTensor, half a second that a run on one device or DDP never
-needs).
+``FSDPStrategy``, ``transformer_blocks``, ``TensorStrategy`` and ``PipelineStrategy`` are
+imported on first use (FSDP2 and tensor parallelism import DTensor, the pipeline
+``torch.distributed.pipelining``: time that a run on one device or DDP never needs).
 """
 
 from typing import Any
 
 from apt.trainops.distributed.strategies.base import (
     STRATEGIES,
+    MicroBatches,
     Strategy,
     build_strategy,
     unwrap_model,
@@ -20,6 +22,10 @@ __all__ = [
     "STRATEGIES",
     "DDPStrategy",
     "FSDPStrategy",
+    "HybridStrategy",
+    "MicroBatches",
+    "PipelineStrategy",
+    "SequenceStrategy",
     "SingleStrategy",
     "Strategy",
     "TensorStrategy",
@@ -34,8 +40,16 @@ def __getattr__(name: str) -> Any:
         from apt.trainops.distributed.strategies import fsdp
 
         return getattr(fsdp, name)
-    if name == "TensorStrategy":
-        from apt.trainops.distributed.strategies.tensor import TensorStrategy
+    if name in ("TensorStrategy", "SequenceStrategy"):
+        from apt.trainops.distributed.strategies import tensor
 
-        return TensorStrategy
+        return getattr(tensor, name)
+    if name == "HybridStrategy":
+        from apt.trainops.distributed.strategies.hybrid import HybridStrategy
+
+        return HybridStrategy
+    if name == "PipelineStrategy":
+        from apt.trainops.distributed.strategies.pipeline import PipelineStrategy
+
+        return PipelineStrategy
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

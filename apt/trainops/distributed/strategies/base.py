@@ -8,10 +8,11 @@ The training loop talks to this interface only, so it holds no ``if fsdp:`` bran
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from apt.trainops.distributed.state_dicts import (
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["STRATEGIES", "Strategy", "build_strategy", "unwrap_model"]
+__all__ = ["STRATEGIES", "MicroBatches", "Strategy", "build_strategy", "unwrap_model"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,54 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+class MicroBatches(Protocol):
+    """One optimizer step's micro-batches, as the training loop hands them to
+    :meth:`Strategy.forward_backward`; the methods fire the loop's events around the work.
+
+    Attributes:
+        batches: the step's micro-batches as the loader gave them (on the CPU).
+        counts: the targets of each (``task.count_targets``).
+        scale: the weight of one target: data-parallel ranks / targets of the step summed over
+            them, so ``mean loss x count x scale``, backpropagated and averaged over the
+            data-parallel ranks, is the gradient of the mean over every target of the step.
+    """
+
+    batches: Sequence[Any]
+    counts: Sequence[int]
+    scale: float
+
+    def begin(self, i: int) -> Any:
+        """Fire ``batch_start`` of micro-batch ``i``; return it on the device."""
+        ...
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        """The task's training forward of ``batch`` under autocast: its mean loss."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` (through the gradient scaler) between the
+        ``before_backward`` and ``after_backward`` events."""
+        ...
+
+    def backward_events(self) -> contextlib.AbstractContextManager[None]:
+        """``before_backward`` on entry, ``after_backward`` on exit: around work that a
+        strategy backpropagates itself."""
+        ...
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The run's mixed-precision context."""
+        ...
+
+    def token_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)`` (B, T) each of a language-model batch, for a strategy that
+        computes the cross-entropy itself (``task.token_targets``)."""
+        ...
+
+    def end(self, loss: torch.Tensor) -> None:
+        """Record the mean loss of the micro-batch begun last and fire ``batch_end``."""
+        ...
+
+
 class Strategy:
     """How a model is spread over the processes of a run.
 
@@ -69,9 +118,10 @@ class Strategy:
             strategy applies itself on its sub-mesh (``mesh["tp"]``, ``mesh["dp_shard"]``).
 
     Attributes:
-        name: the registry name (``single``, ``ddp``, ``fsdp``, ``tensor``).
-        sharded: parameters are DTensor shards (FSDP or tensor parallel inside a process
-            group), so a full state needs a gather, and checkpoints are written shard by shard
+        name: the registry name (``single``, ``ddp``, ``fsdp``, ``tensor``, ``pipeline``).
+        sharded: no rank holds the whole model (FSDP or tensor parallel: DTensor shards;
+            pipeline: each rank its stages), so a full state needs a gather, and checkpoints
+            are written shard by shard
             with DCP.
     """
 
@@ -112,6 +162,27 @@ class Strategy:
     def no_sync(self, model: nn.Module) -> Iterator[None]:
         """Skip gradient sync inside the block (all micro-batches of a step but the last)."""
         yield
+
+    def forward_backward(self, model: nn.Module, step: MicroBatches) -> torch.Tensor:
+        """Forward and backward every micro-batch of one optimizer step; return the sum over
+        them of mean loss x target count (float32, on the device).
+
+        The default runs the micro-batches one after the other, gradient sync skipped
+        (:meth:`no_sync`) but for the last. A pipeline strategy overrides it: its schedule
+        runs all micro-batches of the step at once.
+        """
+        loss_sum = torch.zeros((), device=self.env.device, dtype=torch.float32)
+        for i, count in enumerate(step.counts):
+            batch = step.begin(i)
+            last = i == len(step.counts) - 1
+            sync = contextlib.nullcontext() if last else self.no_sync(model)
+            with self.train_context(), sync:
+                loss = step.forward(batch)
+                step.backward(loss * (count * step.scale))
+            loss = loss.detach()
+            loss_sum += loss.float() * count
+            step.end(loss)
+        return loss_sum
 
     @contextmanager
     def train_context(self) -> Iterator[None]:
@@ -191,6 +262,10 @@ STRATEGIES: Registry[type[Strategy]] = Registry(
     lazy={
         "fsdp": "apt.trainops.distributed.strategies.fsdp:FSDPStrategy",
         "tensor": "apt.trainops.distributed.strategies.tensor:TensorStrategy",
+        "sequence": "apt.trainops.distributed.strategies.tensor:SequenceStrategy",
+        "hybrid": "apt.trainops.distributed.strategies.hybrid:HybridStrategy",
+        "pipeline": "apt.trainops.distributed.strategies.pipeline:PipelineStrategy",
+        "expert": "apt.trainops.distributed.strategies.expert:ExpertStrategy",
     },
 )
 

@@ -6,6 +6,11 @@ vocabulary. The embedding and the (tied) output head are split along the vocabul
 cross-entropy runs on the vocabulary shards (``loss_parallel``): the (B, T, V) logits are never
 gathered in training. What the model returns is made plain again (the loss, and the logits
 when a caller asks for them), so the loop, the task and the evaluator see ordinary tensors.
+
+``sequence`` is the same with sequence parallelism on (``training.distributed.
+sequence_parallel``): between the split regions each tp rank holds T / tp positions, so the
+norms' activations and the residual stream take 1 / tp of the memory, and each block's two
+all-reduces become an all-gather and a reduce-scatter each (the same bytes on the wire).
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils import _pytree as pytree
 
 from apt.core.config.training import DistributedConfig
+from apt.core.errors import DistributedError
 from apt.trainops.distributed.env import DistEnv
 from apt.trainops.distributed.strategies.base import Strategy
 from apt.trainops.distributed.tensor_parallel import apply_tp
 
-__all__ = ["TensorStrategy"]
+__all__ = ["SequenceStrategy", "TensorStrategy"]
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +71,30 @@ class TensorStrategy(Strategy):
             log.warning("strategy tensor in a single process without a process group: not split")
             return model
         assert self.mesh is not None  # built by build_strategy inside a process group
-        self._loss_parallel = apply_tp(model, tp_mesh=self.mesh["tp"])
+        self.split_tensors(model)
+        return model
+
+    def split_tensors(self, model: nn.Module) -> None:
+        """Split ``model`` over the ``tp`` sub-mesh (sequence parallel when configured) and
+        hook its forward: loss_parallel outside a training step, plain outputs."""
+        assert self.mesh is not None
+        sequence = self.cfg.sequence_sharded
+        self._loss_parallel = apply_tp(model, tp_mesh=self.mesh["tp"], sequence=sequence)
+        if sequence:
+            model.register_forward_pre_hook(self._check_length, with_kwargs=True)
         # An evaluation's forward (no train_context around it) gets loss_parallel for itself.
         model.register_forward_pre_hook(self._enter_forward)
         model.register_forward_hook(self._leave_forward, always_call=True)
-        return model
+
+    def _check_length(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        ids = args[0] if args else kwargs.get("input_ids")
+        tp = self.dims.tp
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.shape[1] % tp:
+            raise DistributedError(
+                f"rank {self.env.rank}: sequence parallelism splits the positions over tp {tp} "
+                f"ranks, and this batch has {ids.shape[1]} (not divisible by {tp}); give "
+                f"sequences whose length is a multiple of {tp} (data.seq_len)."
+            )
 
     def _enter_forward(self, module: nn.Module, args: Any) -> None:
         if self._loss_parallel and not self._in_step and self._forward_context is None:
@@ -97,22 +122,29 @@ class TensorStrategy(Strategy):
             self._in_step = False
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """The base contract; split gradients (DTensor) and whole ones (norms, replicated on
-        every tp rank) are measured apart, since torch's norm kernels take one kind at once."""
+        """The base contract; gradients are measured in groups of one layout (whole tensors;
+        DTensors of one mesh and placements: split, replicated, partial sums of sequence
+        shards, FSDP's 2-D shards), since torch's norm kernels take one layout at once."""
         params = [p for p in model.parameters() if p.grad is not None]
         if not params:
             return torch.zeros(())
-        groups = [
-            [p for p in params if isinstance(p.grad, DTensor)],
-            [p for p in params if not isinstance(p.grad, DTensor)],
+        groups: dict[Any, list[nn.Parameter]] = {}
+        for p in params:
+            grad = p.grad
+            layout = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+            groups.setdefault(layout, []).append(p)
+        norms = [
+            _plain(torch.nn.utils.get_total_norm([p.grad for p in group])).reshape(())  # type: ignore[misc]
+            for group in groups.values()
         ]
-        norms = []
-        for group in groups:
-            if group:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in group])  # type: ignore[misc]
-                norms.append(_plain(norm).reshape(()))
         total = torch.linalg.vector_norm(torch.stack(norms))
-        for group in groups:
-            if group:
-                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total
+
+
+class SequenceStrategy(TensorStrategy):
+    """Tensor parallelism with sequence parallelism (``strategy: sequence``; the plan's
+    :class:`~apt.model.architectures.sharding.SequencePlan`)."""
+
+    name = "sequence"

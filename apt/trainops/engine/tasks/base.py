@@ -135,6 +135,20 @@ class TrainingTask:
         """Like ``train_step`` without gradients (default: the same computation)."""
         return self.train_step(model, batch, criterion)
 
+    def token_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)``, (B, T) each, -100 marking ignored labels: the batch as a
+        strategy that runs the model in pieces and computes the next-token cross-entropy
+        itself needs it (``strategy: pipeline``).
+
+        Raises:
+            ConfigError: the task is no next-token language-modelling task (the default).
+        """
+        raise ConfigError(
+            f"training.task {self.name or type(self).__name__!r} cannot run under "
+            "training.distributed.strategy pipeline, which computes a next-token "
+            "cross-entropy itself; use task causal_lm or sft, or another strategy"
+        )
+
 
 def build_task(spec: TaskSpec) -> TrainingTask:
     """The task ``spec.kind`` names (registered, or ``package.module:Class``), with its options.

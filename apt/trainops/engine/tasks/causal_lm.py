@@ -115,6 +115,22 @@ class CausalLMTask(TrainingTask):
         _, labels = split_batch(batch)
         return count_token_bytes(labels[labels != IGNORE_INDEX], token_bytes)
 
+    def token_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)`` of ``batch`` (:func:`split_batch`).
+
+        Raises:
+            ConfigError: the batch carries ``document_ids``, which a pipeline's stages cannot
+                pass on.
+        """
+        if isinstance(batch, dict) and "document_ids" in batch:
+            raise ConfigError(
+                "training.distributed.strategy pipeline cannot keep the documents of packed "
+                "rows apart (the document ids do not travel between stages): set "
+                "data.document_mask: false (for sft: data.source.packing: false), or use "
+                "another strategy"
+            )
+        return split_batch(batch)
+
     def _documents(self, batch: Any, model: nn.Module) -> dict[str, torch.Tensor]:
         """``{"document_ids": ...}`` for a batch that carries them (``data.document_mask``).
 

@@ -27,9 +27,10 @@ def rank_env(rank: int, world: int) -> DistEnv:
 @pytest.mark.parametrize(
     ("strategy", "expected"),
     [
-        ("ddp", {"dp_replicate": 4, "dp_shard": 1, "tp": 1}),
-        ("fsdp", {"dp_replicate": 1, "dp_shard": 4, "tp": 1}),
-        ("tensor", {"dp_replicate": 1, "dp_shard": 1, "tp": 4}),
+        ("ddp", {"pp": 1, "dp_replicate": 4, "dp_shard": 1, "tp": 1}),
+        ("fsdp", {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 1}),
+        ("tensor", {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 4}),
+        ("pipeline", {"pp": 4, "dp_replicate": 1, "dp_shard": 1, "tp": 1}),
     ],
 )
 def test_the_strategy_fills_its_own_degree(strategy: str, expected: dict[str, int]) -> None:
@@ -62,8 +63,12 @@ def test_degrees_that_miss_the_world_size_show_the_arithmetic() -> None:
 @pytest.mark.parametrize(
     ("given", "match"),
     [
-        ({"strategy": "ddp", "pp": 2}, r"distributed\.pp is 2: pipeline parallelism is not yet"),
-        ({"strategy": "ddp", "expert_parallel": 2}, r"distributed\.ep is 2: expert parallelism"),
+        ({"strategy": "ddp", "pp": 2}, r"strategy ddp with pp 2 combines"),
+        (
+            {"strategy": "ddp", "expert_parallel": 2},
+            r"distributed\.ep is 2, but expert parallelism runs under strategy expert only",
+        ),
+        ({"strategy": "expert", "ep": 4, "world_size": 2}, r"ep 4 on 2 data-parallel ranks"),
         ({"strategy": "tensor", "dp_shard": 2}, r"strategy tensor with dp_shard 2 combines"),
         ({"strategy": "fsdp", "data_parallel": 2, "dp_shard": 4}, r"keep one"),
     ],

@@ -49,7 +49,8 @@ class Stack(nn.Module):
 
 
 def test_registry_lists_the_strategies_and_suggests_on_typos() -> None:
-    assert STRATEGIES.names() == ["ddp", "fsdp", "single", "tensor"]
+    names = ["ddp", "expert", "fsdp", "hybrid", "pipeline", "sequence", "single", "tensor"]
+    assert STRATEGIES.names() == names
     with pytest.raises(ConfigError, match=r"Did you mean 'fsdp'"):
         STRATEGIES.get("fdsp")
 
