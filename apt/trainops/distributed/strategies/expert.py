@@ -11,50 +11,25 @@ the experts', which arrive summed over the ranks through the all-to-all and are 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from apt.core.config.training import DistributedConfig
 from apt.trainops.distributed.env import DistEnv
 from apt.trainops.distributed.expert_parallel import apply_ep, expert_parameter_names
-from apt.trainops.distributed.strategies.base import Strategy
-from apt.trainops.distributed.strategies.ddp import _find_ddp, apply_ddp
+from apt.trainops.distributed.strategies.ddp import DDPStrategy, apply_ddp
+from apt.trainops.distributed.strategies.tensor import clip_grad_norm_by_layout_
 
-__all__ = ["ExpertStrategy", "clip_mixed_grad_norm_"]
+__all__ = ["ExpertStrategy"]
 
 log = logging.getLogger(__name__)
 
 
-def clip_mixed_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Clip gradients of which some are DTensor shards and some whole tensors (the same on
-    every rank) to a global 2-norm of ``max_norm``; return the norm (0-d, on the device).
-    torch's norm kernels take one kind at a time, so each kind is measured apart."""
-    groups = [
-        [p for p in params if isinstance(p.grad, DTensor)],
-        [p for p in params if not isinstance(p.grad, DTensor)],
-    ]
-    norms = []
-    for group in groups:
-        if group:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in group])  # type: ignore[misc]
-            if isinstance(norm, DTensor):
-                norm = norm.full_tensor()  # the partial norms of every rank's shards, reduced
-            norms.append(norm.reshape(()))
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for group in groups:
-        if group:
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-    return total
-
-
-class ExpertStrategy(Strategy):
+class ExpertStrategy(DDPStrategy):
     """Expert parallelism over the data-parallel ranks (``ep`` = the number of processes).
 
     In a process without a process group the model is not split and the run is a single one.
@@ -83,18 +58,9 @@ class ExpertStrategy(Strategy):
         )
         return apply_ddp(model, self.cfg.ddp, dp_mesh=dp_mesh, device=self.env.device)
 
-    @contextmanager
-    def no_sync(self, model: nn.Module) -> Iterator[None]:
-        ddp = _find_ddp(model)
-        if ddp is None:
-            yield
-            return
-        with ddp.no_sync():
-            yield
-
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The base contract over the experts' shards (DTensor) and the replicated rest."""
         params = [p for p in model.parameters() if p.grad is not None]
         if not params:
             return torch.zeros(())
-        return clip_mixed_grad_norm_(params, max_norm)
+        return clip_grad_norm_by_layout_(params, max_norm)

@@ -34,7 +34,7 @@ from apt.trainops.distributed.env import DistEnv
 from apt.trainops.distributed.strategies.base import Strategy
 from apt.trainops.distributed.tensor_parallel import apply_tp
 
-__all__ = ["SequenceStrategy", "TensorStrategy"]
+__all__ = ["SequenceStrategy", "TensorStrategy", "clip_grad_norm_by_layout_"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,28 @@ def _plain(value: Any) -> Any:
     if all(p.is_replicate() for p in value.placements):
         return value.to_local()
     return value.full_tensor()
+
+
+def clip_grad_norm_by_layout_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``params`` to a global 2-norm of ``max_norm``; return the norm.
+
+    They are measured in groups of one layout (whole tensors; DTensors of one mesh and
+    placements: split, replicated, partial sums of sequence shards, FSDP's 2-D shards, expert
+    shards), since torch's norm kernels take one layout at once.
+    """
+    groups: dict[Any, list[nn.Parameter]] = {}
+    for p in params:
+        grad = p.grad
+        layout = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
+        groups.setdefault(layout, []).append(p)
+    norms = [
+        _plain(torch.nn.utils.get_total_norm([p.grad for p in group])).reshape(())  # type: ignore[misc]
+        for group in groups.values()
+    ]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 class TensorStrategy(Strategy):
@@ -122,25 +144,11 @@ class TensorStrategy(Strategy):
             self._in_step = False
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """The base contract; gradients are measured in groups of one layout (whole tensors;
-        DTensors of one mesh and placements: split, replicated, partial sums of sequence
-        shards, FSDP's 2-D shards), since torch's norm kernels take one layout at once."""
+        """The base contract, gradients measured by layout (:func:`clip_grad_norm_by_layout_`)."""
         params = [p for p in model.parameters() if p.grad is not None]
         if not params:
             return torch.zeros(())
-        groups: dict[Any, list[nn.Parameter]] = {}
-        for p in params:
-            grad = p.grad
-            layout = (grad.device_mesh, grad.placements) if isinstance(grad, DTensor) else None
-            groups.setdefault(layout, []).append(p)
-        norms = [
-            _plain(torch.nn.utils.get_total_norm([p.grad for p in group])).reshape(())  # type: ignore[misc]
-            for group in groups.values()
-        ]
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        for group in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
-        return total
+        return clip_grad_norm_by_layout_(params, max_norm)
 
 
 class SequenceStrategy(TensorStrategy):
