@@ -138,7 +138,7 @@ def test_gradients_match_one_process(
 
 
 def test_checkpoints_are_dcp_shards_with_the_models_names(
-    one_f_one_b: tr.Finished, work: Path
+    single: tr.Finished, one_f_one_b: tr.Finished, work: Path
 ) -> None:
     run_dir = work / "runs" / "1f1b"
     files = tr.checkpoint_files(run_dir, 10)
