@@ -95,3 +95,34 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(
     got = resumed.strategy.unwrap(resumed.model).state_dict()
     for key, value in golden.strategy.unwrap(golden.model).state_dict().items():
         assert torch.equal(got[key], value), key
+
+
+def _train_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r["train_loss"] for r in map(json.loads, lines) if r.get("train_loss") is not None]
+
+
+def test_padding_free_batches_train_as_padded_ones_do(examples: Path, tmp_path: Path) -> None:
+    """The same examples in the same order, joined into one row a batch (no padding) or padded
+    one a row: the same losses step by step (fp32 round-off of another summation order)."""
+    runs = {}
+    for name, padding_free in (("padded", "false"), ("padding_free", "true")):
+        source = f"{{kind: sft, path: {examples}, packing: false, padding_free: {padding_free}}}"
+        cfg = _config(
+            examples,
+            tmp_path,
+            f"data.source={source}",
+            "training.max_steps=6",
+            "eval.interval=100",
+            f"artifacts.experiment_name={name}",
+        )
+        trainer = Trainer.from_config(cfg)
+        batch = next(iter(trainer.train_loader))
+        runs[name] = (batch, trainer.train())
+    joined, padded = runs["padding_free"][0], runs["padded"][0]
+    assert joined["input_ids"].shape[0] == 1 and "document_ids" in joined
+    assert joined["input_ids"].numel() < padded["input_ids"].numel()  # no padding computed
+    losses = {name: _train_losses(result.run_dir) for name, (_, result) in runs.items()}
+    assert len(losses["padded"]) == 6 and losses["padded"][-1] < losses["padded"][0]
+    for step, (a, b) in enumerate(zip(losses["padding_free"], losses["padded"], strict=True)):
+        assert abs(a - b) < 1e-5, (step + 1, a, b)

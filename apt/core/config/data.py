@@ -112,12 +112,29 @@ class SFTSource(Section):
         "each example (document_ids; the model must take them, as APT models do). False: one "
         "example a row, batches padded to their longest example.",
     )
+    padding_free: bool = Field(
+        False,
+        description="Join each micro-batch's examples into one row of their total length, no "
+        "padding, attention kept inside each example (document_ids; pair with "
+        "model.document_attention varlen or flex so attention costs the sum of the examples' "
+        "squared lengths). Takes examples one by one, so packing does not apply.",
+    )
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate",
         description="An example longer than data.seq_len + 1 tokens: truncate (keep its first "
         "tokens; one left with no completion token is dropped; counts logged), drop (leave it "
         "out, counted) or error (refuse, naming its file and line).",
     )
+
+    @model_validator(mode="after")
+    def _one_batch_layout(self) -> SFTSource:
+        if self.padding_free and self.packing and "packing" in self.model_fields_set:
+            raise ValueError(
+                "packing: true and padding_free: true are two batch layouts: padding_free joins "
+                "a micro-batch's examples into one row by itself; set packing: false (or leave "
+                "it out)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_validation_side(self) -> SFTSource:

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, model_validator
 
 from apt.core.config.base import Section
+from apt.core.config.resume import FREE
 from apt.core.config.schedules import SCHEDULABLE
 
 __all__ = [
@@ -161,6 +162,14 @@ class ModelConfig(Section):
         None, description="Scale the RoPE frequencies (absent: plain RoPE)."
     )
     norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    document_attention: Literal["auto", "mask", "varlen", "flex"] = Field(
+        "auto",
+        json_schema_extra=FREE,
+        description="The kernel of attention inside the documents of packed rows (the same "
+        "maths; free across a resume): mask (SDPA with a dense block-causal mask, T^2 a row), "
+        "varlen (SDPA on each document alone, sum of L^2), flex (FlexAttention, block-sparse; "
+        "CUDA for training, no dropout) or auto (flex on CUDA, varlen elsewhere).",
+    )
     tie_embeddings: bool = Field(True, description="Share the token embedding and output head.")
     init_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
     moe: MoEConfig | None = Field(None, description="Build MoE layers (absent: dense only).")

@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr, model_validator
 
 from apt.core.config.base import Section
 from apt.core.config.callbacks import CallbackSpec
-from apt.core.config.data import TOKENIZER_VOCAB, DataConfig, vocab_mismatch
+from apt.core.config.data import TOKENIZER_VOCAB, DataConfig, SFTSource, vocab_mismatch
 from apt.core.config.finetune import FinetuneConfig
 from apt.core.config.model import PRESETS, ModelConfig
 from apt.core.config.monitoring import MonitoringConfig
@@ -108,6 +108,19 @@ class APTConfig(Section):
                 f"data.seq_len: {self.data.seq_len} is longer than model.max_seq_len "
                 f"({self.model.max_seq_len}), the longest sequence the model has positions "
                 "for. To fix: lower data.seq_len or raise model.max_seq_len."
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _padding_free_rows_split_evenly(self) -> APTConfig:
+        source = self.data.source
+        padding_free = isinstance(source, SFTSource) and source.padding_free
+        if padding_free and self.training.distributed.sequence_sharded:
+            raise ValueError(
+                "data.source.padding_free: rows as long as each batch's examples together "
+                "cannot be split evenly along the sequence by sequence parallelism. To fix: set "
+                "data.source.padding_free: false (packed rows of data.seq_len), or use strategy "
+                "tensor"
             )
         return self
 

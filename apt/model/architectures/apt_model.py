@@ -29,6 +29,7 @@ from apt.core.errors import ConfigError
 from apt.model.architectures.output import ModelOutput
 from apt.model.layers.align import AlignLoss, kl_divergence
 from apt.model.layers.attention import CausalSelfAttention, KVCache
+from apt.model.layers.documents import DocumentLayout, document_layout, resolve_kernel
 from apt.model.layers.mlp import SwiGLU
 from apt.model.layers.moe import MoEAux, MoEFeedForward, upcycle_
 from apt.model.layers.norm import RMSNorm
@@ -47,19 +48,6 @@ _M = TypeVar("_M", bound="APTModel")
 
 #: Residual-branch output projections: initialised with std / sqrt(2 * num_layers) (GPT-2).
 _RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
-
-
-def _document_layout(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) document ids -> each token's position inside its document (B, T) and the
-    block-causal attention mask (B, 1, T, T), True where a query may attend."""
-    B, T = document_ids.shape
-    index = torch.arange(T, device=document_ids.device).expand(B, T)
-    first = torch.ones_like(document_ids, dtype=torch.bool)
-    first[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    starts = torch.where(first, index, torch.zeros_like(index)).cummax(dim=1).values
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
-    return index - starts, (same & causal)[:, None]
 
 
 class Block(nn.Module):
@@ -85,9 +73,9 @@ class Block(nn.Module):
         sin: torch.Tensor,  # (T, Dh/2)
         cache: KVCache | None = None,
         start: int = 0,
-        mask: torch.Tensor | None = None,
+        documents: DocumentLayout | None = None,
     ) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start, mask))
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start, documents))
         h = self.mlp_norm(x)  # (B, T, D)
         aux = None
         if isinstance(self.mlp, MoEFeedForward):
@@ -159,26 +147,36 @@ class APTModel(nn.Module):
         restart at each document's first token, so a packed sequence computes what its
         documents would alone."""
         T = input_ids.shape[1]
-        if start + T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + T} positions exceeds model.max_seq_len "
-                f"({self.config.max_seq_len}); shorten it or raise max_seq_len"
-            )
-        mask = None
+        documents = None
         if document_ids is None:
+            self._check_length(start + T)
             cos, sin = self.rope(start, T)  # (T, Dh/2) each
         else:
-            positions, mask = _document_layout(document_ids)  # (B, T), (B, 1, T, T)
-            cos = self.rope.cos[positions].unsqueeze(1)  # (B, 1, T, Dh/2)
-            sin = self.rope.sin[positions].unsqueeze(1)
+            kernel = resolve_kernel(
+                self.config.document_attention, document_ids.device, self.config.dropout
+            )
+            documents = document_layout(document_ids, kernel)
+            # A row may be longer than max_seq_len (padding-free batches): its documents may
+            # not. varlen knows their lengths on the host; the others would sync to look.
+            for row in documents.bounds:
+                self._check_length(max(stop - begin for begin, stop in row))
+            cos = self.rope.cos[documents.positions].unsqueeze(1)  # (B, 1, T, Dh/2)
+            sin = self.rope.sin[documents.positions].unsqueeze(1)
         x = self.embed_tokens(input_ids)  # (B, T, D)
         moe_aux: list[MoEAux] = []
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
-            x, aux = block(x, cos, sin, cache, start, mask)
+            x, aux = block(x, cos, sin, cache, start, documents)
             if aux is not None:
                 moe_aux.append(aux)
         return self.norm(x), moe_aux
+
+    def _check_length(self, positions: int) -> None:
+        if positions > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {positions} positions exceeds model.max_seq_len "
+                f"({self.config.max_seq_len}); shorten it or raise max_seq_len"
+            )
 
     def forward(
         self,

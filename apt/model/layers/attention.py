@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from apt.model.layers.documents import DocumentLayout
 from apt.model.layers.rope import apply_rope
 
 __all__ = ["CausalSelfAttention", "KVCache"]
@@ -77,7 +78,7 @@ class CausalSelfAttention(nn.Module):
         sin: torch.Tensor,  # the same shape as cos
         cache: KVCache | None = None,
         start: int = 0,
-        mask: torch.Tensor | None = None,  # (B, 1, T, T) bool: True where a query may look
+        documents: DocumentLayout | None = None,  # packed rows: attend inside each document
     ) -> torch.Tensor:  # (B, T, D)
         B, T, _ = x.shape
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
@@ -90,7 +91,11 @@ class CausalSelfAttention(nn.Module):
         if Hkv != H:
             k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, H, S, Dh)
 
-        is_causal = mask is None
+        dropout_p = self.dropout if self.training else 0.0
+        if documents is not None:
+            y = documents.attend(q, k, v, dropout_p)  # (B, H, T, Dh)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        is_causal, mask = True, None
         if cache is not None and start > 0:
             # New queries sit at positions start..start+T-1 and see every key up to their own
             # position; SDPA's is_causal would align them with the first keys instead.
@@ -106,7 +111,7 @@ class CausalSelfAttention(nn.Module):
                 v,
                 attn_mask=mask,
                 is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=dropout_p,
             )  # (B, H, T, Dh)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

@@ -76,11 +76,11 @@ def build_loaders(
     """(train, eval) loaders: the ones given, else over the datasets given, else over the
     task's datasets built from ``cfg``. Each rank reads its shard; a validation set is padded
     with target-free samples to a multiple of the ranks (every rank runs as many batches).
-    Batches are joined by ``task.collate()`` when the task has one."""
+    Batches are joined by ``task.collate(cfg)`` when the task has one."""
     from apt.trainops.data import create_dataloader
 
     rank, world = strategy.sampler_rank_world()
-    collate_fn = task.collate()
+    collate_fn = task.collate(cfg)
 
     def loader(
         dataset: Dataset[Any], size: int, *, shuffle: bool, collate: Any = None

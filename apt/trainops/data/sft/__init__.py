@@ -17,6 +17,7 @@ from apt.trainops.data.sft.dataset import (
     EncodedExamples,
     PackedSFTDataset,
     SFTDataset,
+    join_collate,
     pack_rows,
 )
 from apt.trainops.data.sft.examples import ROLES, Example, Message, parse_example, read_examples
@@ -51,6 +52,7 @@ __all__ = [
     "encode_example",
     "encode_pieces",
     "encode_prompt",
+    "join_collate",
     "pack_rows",
     "parse_example",
     "read_examples",

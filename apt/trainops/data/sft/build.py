@@ -255,7 +255,7 @@ def build_sft_from_examples(
         )
         data: SFTDataset | PackedSFTDataset = (
             PackedSFTDataset(encoded, seq_len, pad_id=tokenizer.eos_id)
-            if source.packing
+            if source.packing and not source.padding_free
             else SFTDataset(encoded, seq_len)
         )
         positions = int(encoded.offsets[-1]) - len(encoded)
@@ -265,10 +265,20 @@ def build_sft_from_examples(
         built[side] = (data, stats)
     parts = [
         f"{side} {s.examples} examples / {s.targets:,} completion tokens -> {s.rows:,} "
-        + (f"rows ({s.positions / (s.rows * seq_len):.0%} full)" if source.packing else "rows")
+        + (
+            f"rows ({s.positions / (s.rows * seq_len):.0%} full)"
+            if source.packing and not source.padding_free
+            else "rows"
+        )
         for side, (_, s) in built.items()
     ]
-    layout = "packed" if source.packing else "one example a row"
+    layout = (
+        "padding-free (a batch's examples in one row)"
+        if source.padding_free
+        else "packed"
+        if source.packing
+        else "one example a row"
+    )
     description = (
         f"data sft {source.path} ({template.description}), tokenizer {tokenizer.name} "
         f"({tokenizer.vocab_size}), seq_len {seq_len}, {layout}: " + "; ".join(parts)

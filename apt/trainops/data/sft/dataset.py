@@ -15,6 +15,8 @@ next example.
   padding at its end is one more document), so attention stays inside each example and
   positions restart at each (``APTModel.forward(document_ids=...)``). A packed row scores the
   same tokens as its examples alone.
+* :func:`join_collate` (``padding_free``): the examples of a batch joined into one row of
+  their total length, no padding at all, ``document_ids`` numbering them.
 
 Both are plain numpy arrays and the same for the same examples (no randomness): picklable for
 DataLoader workers, and a resumed run reads the same rows.
@@ -30,7 +32,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["IGNORE_INDEX", "EncodedExamples", "PackedSFTDataset", "SFTDataset", "pack_rows"]
+__all__ = [
+    "IGNORE_INDEX",
+    "EncodedExamples",
+    "PackedSFTDataset",
+    "SFTDataset",
+    "join_collate",
+    "pack_rows",
+]
 
 IGNORE_INDEX = -100
 
@@ -206,3 +215,32 @@ class PackedSFTDataset(Dataset[dict[str, torch.Tensor]]):
             f"PackedSFTDataset(rows={len(self)}, examples={len(self.examples)}, "
             f"seq_len={self.seq_len}, fill={self.fill:.0%})"
         )
+
+
+def join_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A padding-free batch: ``{"input_ids", "labels", "document_ids"}``, ``(1, sum L)`` each,
+    the examples back to back in the order given and ``document_ids`` 0, 1, ... numbering them.
+
+    Each example's labels were shifted on their own, so no label reaches into the next one; with
+    attention kept inside each document the row computes what the examples would alone.
+
+    Raises:
+        ValueError: a sample without ``input_ids`` and ``labels`` of one length, or one that is
+            packed already (has ``document_ids``).
+    """
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, dict) or "document_ids" in sample:
+            raise ValueError(
+                f"padding_free joins single examples, but sample {i} is "
+                + ("a packed row" if isinstance(sample, dict) else type(sample).__name__)
+                + "; set data.source.packing: false"
+            )
+        if "labels" not in sample or sample["labels"].shape != sample["input_ids"].shape:
+            raise ValueError(f"sample {i} needs input_ids and labels of one length")
+    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+    document_ids = torch.repeat_interleave(torch.arange(len(samples)), lengths)
+    return {
+        "input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+        "labels": torch.cat([s["labels"] for s in samples])[None],
+        "document_ids": document_ids[None],
+    }

@@ -112,11 +112,11 @@ class TrainingTask:
         """A copy of one dataset sample that contributes no loss term (padding)."""
         raise NotImplementedError
 
-    def collate(self) -> Callable[[list[Any]], Any] | None:
+    def collate(self, data: DataConfig | None = None) -> Callable[[list[Any]], Any] | None:
         """The function that joins samples into a batch for the train and eval loaders the
-        engine builds (None, the default: ``torch.utils.data.default_collate``). A task whose
-        samples differ in length pads them here; it must also accept ``without_targets``
-        samples (validation padding for even rank shards)."""
+        engine builds from ``data`` (None, the default: ``torch.utils.data.default_collate``).
+        A task whose samples differ in length pads them here; it must also accept
+        ``without_targets`` samples (validation padding for even rank shards)."""
         return None
 
     def count_targets(self, batch: Any) -> int:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from apt.core.config import DataConfig
+from apt.core.config.data import SFTSource
 from apt.core.errors import ConfigError
 from apt.trainops.engine.tasks.base import StepOutput
 from apt.trainops.engine.tasks.causal_lm import CausalLMTask
@@ -53,9 +54,15 @@ class SFTTask(CausalLMTask):
         log.info("%s", bundle.description)
         return bundle.train, bundle.val
 
-    def collate(self) -> Callable[[list[Any]], Any] | None:
-        """:func:`~apt.trainops.eval.pad_collate`: rows of one length (packed) are stacked as
-        they are; examples of unequal length are padded at the end, labels -100."""
+    def collate(self, data: DataConfig | None = None) -> Callable[[list[Any]], Any] | None:
+        """:func:`~apt.trainops.data.sft.join_collate` under ``data.source.padding_free`` (a
+        batch's examples in one row, no padding); else :func:`~apt.trainops.eval.pad_collate`:
+        rows of one length (packed) are stacked as they are, examples of unequal length are
+        padded at the end, labels -100."""
+        if data is not None and isinstance(data.source, SFTSource) and data.source.padding_free:
+            from apt.trainops.data.sft import join_collate
+
+            return join_collate
         from apt.trainops.eval.padding import pad_collate  # eval imports the tasks
 
         return pad_collate
@@ -82,8 +89,9 @@ class SFTTask(CausalLMTask):
             return {}
         if not self._takes("document_ids", model):
             raise ConfigError(
-                "data.source.packing is on but the model's forward takes no document_ids, so "
-                "packed examples would attend to each other. To fix: use an APT model, or set "
-                "data.source.packing: false (one example a row)."
+                "data.source.packing (or padding_free) is on but the model's forward takes no "
+                "document_ids, so packed examples would attend to each other. To fix: use an "
+                "APT model, or set data.source.packing: false and padding_free: false (one "
+                "example a row)."
             )
         return {"document_ids": batch["document_ids"]}
