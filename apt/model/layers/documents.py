@@ -91,7 +91,7 @@ class DocumentLayout:
                 "FlexAttention has no CPU backward); set model.document_attention: varlen "
                 "(or auto, which takes varlen there)"
             )
-        return _compiled_flex()(q, k, v, block_mask=self.block_mask)
+        return _flex()(q, k, v, block_mask=self.block_mask)
 
 
 def resolve_kernel(choice: DocumentAttention, device: torch.device, dropout: float) -> _Kernel:
@@ -130,9 +130,19 @@ def document_layout(document_ids: torch.Tensor, kernel: _Kernel) -> DocumentLayo
     return DocumentLayout(positions, kernel, block_mask=block_mask)
 
 
+def _flex() -> Callable[..., Any]:
+    """FlexAttention as it should run here: inside a compiled model the model's own graph
+    compiles it; outside one it is compiled on its own (once), since uncompiled it
+    materialises the whole (T, T) score matrix."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention
+    return _compiled_flex()
+
+
 @cache
-def _compiled_flex() -> Callable[..., torch.Tensor]:
-    """FlexAttention compiled once: uncompiled it materialises the whole (T, T) score matrix."""
+def _compiled_flex() -> Callable[..., Any]:
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention)
