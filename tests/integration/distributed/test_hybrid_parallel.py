@@ -10,7 +10,6 @@ launches, 5 of 4 processes, the module's runs shared by its tests).
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,31 +21,22 @@ pytestmark = pytest.mark.distributed
 # are summed as under strategy tensor, and the two data-parallel halves' gradients are
 # reduce-scattered by FSDP (a mean of two half-batch means = the full-batch mean, since the
 # loop weighs each rank by its target count). Only the order of the sums differs. Measured
-# over the 10 steps: loss 2.1e-7 (max), weights after 10 Adam steps 5.0e-6 (the same with
-# sequence_parallel; the one-process resume of step 5: loss 1.9e-7). 1e-5 and 1e-4 as in
-# test_tensor_parallel.py: a rank reading the wrong half of the batch, gradients left
-# unsummed over dp_shard or tp, or a loss averaged per rank instead of per target moves the
-# loss by > 1e-3.
+# over the 10 steps: loss 2.1e-7 (max), first-step gradients 3.6e-7 (any rank), weights after
+# 10 Adam steps 5.0e-6 (the same with sequence_parallel; the one-process resume of step 5:
+# loss 1.9e-7). 1e-5 and 1e-4 as in test_tensor_parallel.py: a rank reading the wrong half of
+# the batch, gradients left unsummed over dp_shard or tp, or a loss averaged per rank instead
+# of per target moves the loss by > 1e-3.
 LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-5
 WEIGHT_RTOL = 1e-4
 STEPS = "training.max_steps=10"
 
 
 def hybrid_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 4 ranks, dp_shard 2 x tp 2, 4 sequences per tp group."""
-    args = tr.train_args(
-        name,
-        "cpu/tiny",
-        f"training.batch_size={tr.GLOBAL_BATCH // 2}",
-        "training.distributed.strategy=hybrid",
-        "training.distributed.tp=2",
-        "training.distributed.backend=gloo",
-        STEPS,
-        *overrides,
-    )
-    port = tr.free_port()
-    return [sys.executable, "-m", "apt", "launch", "--nproc-per-node=4",
-            "--master-addr=127.0.0.1", f"--master-port={port}", *args]  # fmt: skip
+    tp = "training.distributed.tp=2"
+    batch = tr.GLOBAL_BATCH // 2
+    return tr.strategy_cmd(name, "hybrid", tp, STEPS, *overrides, nproc=4, batch_size=batch)
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +46,15 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def single(work: Path) -> tr.Finished:
-    return tr.run(tr.single_cmd("single", STEPS), work).check()
+    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
+    return tr.run(cmd, work).check()
 
 
 @pytest.fixture(scope="module")
 def hybrid(work: Path) -> tr.Finished:
-    return tr.run(hybrid_cmd("hybrid"), work).check()
+    return tr.run(
+        hybrid_cmd("hybrid", tr.first_gradients_hook(work / "hybrid-grads")), work
+    ).check()
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +94,19 @@ def test_ten_steps_match_one_process(single: tr.Finished, hybrid: tr.Finished, w
         return {r["step"]: r["tokens_seen"] for r in rows if "train_loss" in r}
 
     assert tokens("hybrid") == tokens("single")
+
+
+def test_first_gradients_match_one_process(
+    single: tr.Finished, hybrid: tr.Finished, work: Path
+) -> None:
+    """After the first backward every rank's gradients, gathered from their 2-D shards
+    (reduce-scattered over dp_shard, split over tp), are one process's gradients of the whole
+    batch: replicated ones (norms) and split ones alike."""
+    ref = tr.first_gradients(work / "single-grads", 0)
+    for rank in range(4):
+        grads = tr.first_gradients(work / "hybrid-grads", rank)
+        assert sorted(grads) == sorted(ref)
+        assert tr.max_rel_diff(grads, ref) < GRAD_RTOL, rank
 
 
 def test_sequence_parallel_inside_hybrid_matches_one_process(

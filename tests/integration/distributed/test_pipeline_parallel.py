@@ -11,7 +11,6 @@ stages per rank. About 45 s on 2 cores (10 launches, the module's runs shared by
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,22 +39,7 @@ FOUR_BLOCKS = "model.num_layers=4"
 
 def pipeline_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 2 pipeline ranks, each reading the whole batch of 8."""
-    args = tr.train_args(
-        name,
-        "cpu/tiny",
-        f"training.batch_size={tr.GLOBAL_BATCH}",
-        "training.distributed.strategy=pipeline",
-        "training.distributed.backend=gloo",
-        STEPS,
-        *overrides,
-    )
-    port = tr.free_port()
-    return [sys.executable, "-m", "apt", "launch", "--nproc-per-node=2",
-            "--master-addr=127.0.0.1", f"--master-port={port}", *args]  # fmt: skip
-
-
-def grads_hook(stem: Path) -> str:
-    return f"callbacks=[{{name: tp_hooks:FirstGradients, path: '{stem}'}}]"
+    return tr.strategy_cmd(name, "pipeline", STEPS, *overrides)
 
 
 def schedule(name: str) -> str:
@@ -69,13 +53,13 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def single(work: Path) -> tr.Finished:
-    cmd = tr.single_cmd("single", STEPS, grads_hook(work / "single-grads"))
+    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
     return tr.run(cmd, work).check()
 
 
 @pytest.fixture(scope="module")
 def one_f_one_b(work: Path) -> tr.Finished:
-    cmd = pipeline_cmd("1f1b", schedule("1f1b"), grads_hook(work / "1f1b-grads"))
+    cmd = pipeline_cmd("1f1b", schedule("1f1b"), tr.first_gradients_hook(work / "1f1b-grads"))
     return tr.run(cmd, work).check()
 
 

@@ -10,7 +10,6 @@ About 55 s on 2 cores (7 launches).
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -45,22 +44,7 @@ NORMS = (
 def sequence_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 2 tp ranks with sequence parallelism, each reading the
     whole batch of 8."""
-    args = tr.train_args(
-        name,
-        "cpu/tiny",
-        f"training.batch_size={tr.GLOBAL_BATCH}",
-        "training.distributed.strategy=sequence",
-        "training.distributed.backend=gloo",
-        STEPS,
-        *overrides,
-    )
-    port = tr.free_port()
-    return [sys.executable, "-m", "apt", "launch", "--nproc-per-node=2",
-            "--master-addr=127.0.0.1", f"--master-port={port}", *args]  # fmt: skip
-
-
-def grads_hook(stem: Path) -> str:
-    return f"callbacks=[{{name: tp_hooks:FirstGradients, path: '{stem}'}}]"
+    return tr.strategy_cmd(name, "sequence", STEPS, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +54,15 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def single(work: Path) -> tr.Finished:
-    cmd = tr.single_cmd("single", STEPS, grads_hook(work / "single-grads"))
+    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
     return tr.run(cmd, work).check()
 
 
 @pytest.fixture(scope="module")
 def sequence(work: Path) -> tr.Finished:
-    return tr.run(sequence_cmd("sequence", grads_hook(work / "sequence-grads")), work).check()
+    return tr.run(
+        sequence_cmd("sequence", tr.first_gradients_hook(work / "sequence-grads")), work
+    ).check()
 
 
 @pytest.fixture(scope="module")

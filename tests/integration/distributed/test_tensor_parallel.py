@@ -9,7 +9,6 @@ sums are split differs. Every run is 10 steps (checkpoints at 5 and 10). About 3
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,22 +37,7 @@ REPLICATED = ("norm.weight", "blocks.0.attn_norm.weight", "blocks.1.mlp_norm.wei
 
 def tensor_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 2 tp ranks, each reading the whole batch of 8."""
-    args = tr.train_args(
-        name,
-        "cpu/tiny",
-        f"training.batch_size={tr.GLOBAL_BATCH}",
-        "training.distributed.strategy=tensor",
-        "training.distributed.backend=gloo",
-        STEPS,
-        *overrides,
-    )
-    port = tr.free_port()
-    return [sys.executable, "-m", "apt", "launch", "--nproc-per-node=2",
-            "--master-addr=127.0.0.1", f"--master-port={port}", *args]  # fmt: skip
-
-
-def grads_hook(stem: Path) -> str:
-    return f"callbacks=[{{name: tp_hooks:FirstGradients, path: '{stem}'}}]"
+    return tr.strategy_cmd(name, "tensor", STEPS, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +47,15 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def single(work: Path) -> tr.Finished:
-    cmd = tr.single_cmd("single", STEPS, grads_hook(work / "single-grads"))
+    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
     return tr.run(cmd, work).check()
 
 
 @pytest.fixture(scope="module")
 def tensor(work: Path) -> tr.Finished:
-    return tr.run(tensor_cmd("tensor", grads_hook(work / "tensor-grads")), work).check()
+    return tr.run(
+        tensor_cmd("tensor", tr.first_gradients_hook(work / "tensor-grads")), work
+    ).check()
 
 
 @pytest.fixture(scope="module")

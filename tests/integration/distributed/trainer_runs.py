@@ -85,6 +85,34 @@ def single_cmd(name: str, *overrides: str, flags: tuple[str, ...] = ()) -> list[
     return [sys.executable, "-m", "apt", *args, *flags]
 
 
+def strategy_cmd(
+    name: str, strategy: str, *overrides: str, nproc: int = 2, batch_size: int = GLOBAL_BATCH
+) -> list[str]:
+    """``python -m apt launch`` of ``nproc`` gloo ranks training cpu/tiny under ``strategy``,
+    ``batch_size`` sequences a micro-batch on each rank."""
+    args = train_args(
+        name,
+        "cpu/tiny",
+        f"training.batch_size={batch_size}",
+        f"training.distributed.strategy={strategy}",
+        "training.distributed.backend=gloo",
+        *overrides,
+    )
+    return [sys.executable, "-m", "apt", "launch", f"--nproc-per-node={nproc}",
+            "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]  # fmt: skip
+
+
+def first_gradients_hook(stem: Path) -> str:
+    """The ``--set`` that installs :class:`tp_hooks.FirstGradients` writing ``stem``.rank<r>."""
+    return f"callbacks=[{{name: tp_hooks:FirstGradients, path: '{stem}'}}]"
+
+
+def first_gradients(stem: Path, rank: int) -> dict[str, torch.Tensor]:
+    """What :class:`tp_hooks.FirstGradients` wrote for ``rank``: every parameter's whole
+    gradient after the run's first backward."""
+    return load_file(str(stem.parent / f"{stem.name}.rank{rank}.safetensors"))
+
+
 def launch_cmd(
     name: str,
     strategy: str,
