@@ -34,8 +34,10 @@ STRATEGY_DEGREE = {
     "pipeline": "pp",
     "expert": "dp_replicate",  # ep borrows the data-parallel ranks: ep = dp_replicate
 }
-#: The degrees strategy hybrid combines (besides its own, dp_shard): FSDP2 over tp groups.
-HYBRID_DIMS = ("dp_shard", "tp")
+#: The degrees each strategy may combine with its own: hybrid is FSDP2 over tensor-parallel
+#: groups (dp_shard x tp) or over pipeline stages (pp x dp_shard, as strategy pipeline with
+#: dp_shard); the others run their own degree alone.
+COMBINED_DIMS = {"hybrid": ("dp_shard", "tp", "pp"), "pipeline": ("pp", "dp_shard")}
 #: Mesh dimensions in mesh order (outermost first), as the DeviceMesh names them.
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -321,7 +323,9 @@ class DistributedConfig(Section):
         "single",
         description="Parallelism: single, ddp (dp_replicate), fsdp (dp_shard), tensor (tp), "
         "sequence (tp, with sequence_parallel), hybrid (dp_shard x tp: FSDP2 over "
-        "tensor-parallel groups; tp given), pipeline (pp) or expert (ep = dp_replicate: MoE "
+        "tensor-parallel groups, tp given; or pp x dp_shard: FSDP2 inside each pipeline stage, "
+        "pp given), pipeline (pp; dp_shard too: FSDP2 inside each stage) or expert (ep = "
+        "dp_replicate: MoE "
         "experts split over the data-parallel ranks); fills its degree with the world size "
         "left by the degrees given.",
     )
@@ -372,8 +376,8 @@ class DistributedConfig(Section):
     data_parallel: int | None = Field(
         None,
         ge=1,
-        description="Seed 002's data-parallel degree: sets dp_shard under strategy fsdp and "
-        "hybrid, dp_replicate otherwise (give one of the two forms).",
+        description="Seed 002's data-parallel degree: sets dp_shard under strategy fsdp, "
+        "hybrid and pipeline, dp_replicate otherwise (give one of the two forms).",
     )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="c10d backend; auto: nccl on CUDA, gloo on CPU."
@@ -425,6 +429,12 @@ class DistributedConfig(Section):
                 "sequence_parallel is true under strategy tensor: say strategy: sequence (tensor "
                 "parallelism with sequence parallelism on) and remove sequence_parallel"
             )
+        if wanted and strategy == "hybrid" and (self.pp or 1) > 1:
+            raise ValueError(
+                f"sequence_parallel is true under strategy hybrid with pp {self.pp}: hybrid "
+                "over pipeline stages has no tensor-parallel groups to shard the sequence "
+                "over; remove sequence_parallel, or use hybrid with tp instead of pp"
+            )
         if wanted and strategy not in ("sequence", "hybrid"):
             raise ValueError(
                 f"sequence_parallel is true but strategy {strategy!r} has no tensor-parallel "
@@ -443,7 +453,7 @@ class DistributedConfig(Section):
             )
         given: dict[str, int | None] = {dim: getattr(self, dim) for dim in MESH_DIMS}
         if self.data_parallel is not None:
-            dim = "dp_shard" if self.strategy in ("fsdp", "hybrid") else "dp_replicate"
+            dim = "dp_shard" if self.strategy in ("fsdp", "hybrid", "pipeline") else "dp_replicate"
             if given[dim] is not None and given[dim] != self.data_parallel:
                 raise ConfigError(
                     f"training.distributed: data_parallel {self.data_parallel} and {dim} "
@@ -451,19 +461,26 @@ class DistributedConfig(Section):
                 )
             given[dim] = self.data_parallel
         own = STRATEGY_DEGREE[self.strategy]
-        combined = HYBRID_DIMS if self.strategy == "hybrid" else (own,)
+        combined = COMBINED_DIMS.get(self.strategy, (own,))
         others = [f"{dim} {n}" for dim, n in given.items() if dim not in combined and (n or 1) > 1]
         if others and self.strategy == "hybrid":
             raise ConfigError(
                 f"training.distributed: strategy hybrid with {' and '.join(others)}: hybrid "
-                "runs dp_shard x tp (FSDP2 over tensor-parallel groups) only; other layouts "
-                "(dp_replicate x dp_shard, pp with anything) are not yet supported (issue 17). "
-                "Leave the other degrees at 1"
+                "runs dp_shard x tp or pp x dp_shard only; other layouts (dp_replicate x "
+                "dp_shard) are not yet supported (issue 17). Leave the other degrees at 1"
             )
-        if self.strategy == "hybrid" and (given["tp"] or 1) < 2:
+        tp, pp = given["tp"] or 1, given["pp"] or 1
+        if self.strategy == "hybrid" and tp > 1 and pp > 1:
             raise ConfigError(
-                "training.distributed: strategy hybrid needs its tensor-parallel degree: set "
-                "tp (>= 2; dp_shard is what tp leaves of the world size), e.g. tp: 2. For data "
+                f"training.distributed: strategy hybrid with tp {tp} and pp {pp}: pipeline "
+                "stages of tensor-parallel groups (pp x dp_shard x tp) are not yet supported "
+                "(issue 17); keep one of tp and pp at 1"
+            )
+        if self.strategy == "hybrid" and tp < 2 and pp < 2:
+            raise ConfigError(
+                "training.distributed: strategy hybrid needs its second degree: set tp (FSDP2 "
+                "over tensor-parallel groups) or pp (FSDP2 inside pipeline stages), >= 2; "
+                "dp_shard is what it leaves of the world size, e.g. tp: 2. For data "
                 "parallelism alone use strategy fsdp"
             )
         if others:
@@ -508,10 +525,11 @@ class DistributedConfig(Section):
                 f"be {out['dp_replicate']} (or left out)"
             )
         if self.strategy == "hybrid" and out["dp_shard"] < 2:
+            second, alone = ("tp", "tensor (or sequence)") if out["tp"] > 1 else ("pp", "pipeline")
             raise ConfigError(
-                f"training.distributed: strategy hybrid with tp {out['tp']} on {world_size} "
-                "processes leaves dp_shard 1, which is tensor parallelism alone; use strategy "
-                "tensor (or sequence), or launch more processes"
+                f"training.distributed: strategy hybrid with {second} {out[second]} on "
+                f"{world_size} processes leaves dp_shard 1, which is {second} alone; use "
+                f"strategy {alone}, or launch more processes"
             )
         return {dim: out[dim] for dim in MESH_DIMS}
 

@@ -280,7 +280,7 @@ def build_strategy(cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp
         DistributedError: ``cfg.world_size`` differs from the launcher's, or ``single`` was
             launched on several processes.
     """
-    cls = STRATEGIES.get(cfg.strategy)
+    STRATEGIES.get(cfg.strategy)  # an unknown name fails first, listing the valid ones
     check_world_size(cfg.world_size, env.world_size, rank=env.rank)
     if cfg.strategy == "single" and env.world_size > 1:
         raise DistributedError(
@@ -290,6 +290,9 @@ def build_strategy(cfg: DistributedConfig, *, env: DistEnv, precision: str = "fp
             "process."
         )
     dims = ParallelDims.resolve(cfg, world_size=env.world_size)
+    # hybrid over pipeline stages (pp x dp_shard) is the pipeline strategy with FSDP2 inside
+    # each stage; hybrid over tensor-parallel groups is a strategy of its own.
+    cls = STRATEGIES.get("pipeline" if cfg.strategy == "hybrid" and dims.pp > 1 else cfg.strategy)
     mesh = None
     if cfg.strategy != "single" and in_process_group():
         mesh = dims.build_mesh(env.device.type)

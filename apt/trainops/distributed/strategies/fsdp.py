@@ -28,7 +28,7 @@ from apt.core.errors import DistributedError
 from apt.trainops.distributed.env import DistEnv
 from apt.trainops.distributed.strategies.base import Strategy, unwrap_model
 
-__all__ = ["FSDPStrategy", "apply_fsdp", "transformer_blocks"]
+__all__ = ["FSDPStrategy", "apply_fsdp", "mixed_precision_policy", "transformer_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,29 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def mixed_precision_policy(opts: FSDPOptions, precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's policy from ``training.distributed.fsdp`` (``param_dtype`` defaults to
+    ``training.precision``)."""
+    param = _DTYPES[opts.param_dtype or precision]
+    return MixedPrecisionPolicy(
+        param_dtype=None if param == torch.float32 else param,
+        reduce_dtype=_DTYPES[opts.reduce_dtype],
+    )
+
+
 def apply_fsdp(
-    model: nn.Module, opts: FSDPOptions, *, dp_mesh: DeviceMesh, mp: MixedPrecisionPolicy
+    model: nn.Module,
+    opts: FSDPOptions,
+    *,
+    dp_mesh: DeviceMesh,
+    mp: MixedPrecisionPolicy,
+    blocks: list[nn.Module] | None = None,
 ) -> nn.Module:
     """Shard ``model`` over ``dp_mesh`` (the ``dp_shard`` sub-mesh): each transformer block
-    one FSDP unit, then the root (in place; returns ``model``)."""
+    (``blocks``, default :func:`transformer_blocks`) one FSDP unit, then the root (in place;
+    returns ``model``)."""
     offload = CPUOffloadPolicy() if opts.cpu_offload else OffloadPolicy()
-    blocks = transformer_blocks(model)
+    blocks = transformer_blocks(model) if blocks is None else blocks
     if not blocks:
         log.warning(
             "fsdp: %s has no blocks/layers ModuleList; sharding it as one unit",
@@ -109,12 +125,7 @@ class FSDPStrategy(Strategy):
             )
 
     def _mp_policy(self) -> MixedPrecisionPolicy:
-        opts = self.cfg.fsdp
-        param = _DTYPES[opts.param_dtype or self.precision]
-        return MixedPrecisionPolicy(
-            param_dtype=None if param == torch.float32 else param,
-            reduce_dtype=_DTYPES[opts.reduce_dtype],
-        )
+        return mixed_precision_policy(self.cfg.fsdp, self.precision)
 
     def apply(self, model: nn.Module) -> nn.Module:
         if not self.sharded:

@@ -9,6 +9,15 @@ loss of each piece on the last stage as sum of token losses / targets of the ste
 gradients are those of one process on the same global batch. An output head tied to the
 embedding lives on the first and the last stage; its two gradients are summed after the
 schedule, and both copies take the same optimizer step.
+
+With ``dp_shard > 1`` (``strategy: pipeline`` with ``dp_shard``, or ``strategy: hybrid`` with
+``pp``) every stage is sharded with FSDP2 over its ``dp_shard`` ranks, each block one unit as
+under ``fsdp``: the ``pp`` groups of one data-parallel coordinate run the schedule on their
+share of the batch, and the schedule reduce-scatters each stage's gradients after its last
+micro-batch. Layout on 4 ranks (``pp: 2, dp_shard: 2``)::
+
+    stage 0: ranks 0, 1 (FSDP group)      stage 1: ranks 2, 3 (FSDP group)
+    pipelines (one data shard each): {0, 2}, {1, 3}
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from apt.core.config.training import DistributedConfig
 from apt.core.errors import ConfigError
 from apt.model.architectures.apt_model import APTModel
 from apt.model.architectures.stages import PIPELINE_LAYERS, APTStage, head_is_tied
+from apt.trainops.distributed.dtensor import is_dtensor
 from apt.trainops.distributed.env import DistEnv, in_process_group
 from apt.trainops.distributed.pipeline import (
     PipelinedModel,
@@ -47,6 +57,7 @@ from apt.trainops.distributed.state_dicts import (
     sharded_state,
 )
 from apt.trainops.distributed.strategies.base import MicroBatches, Strategy
+from apt.trainops.distributed.strategies.fsdp import apply_fsdp, mixed_precision_policy
 
 __all__ = ["PipelineStrategy"]
 
@@ -105,6 +116,7 @@ class PipelineStrategy(Strategy):
             len(getattr(model, PIPELINE_LAYERS)), self.num_stages, self.cfg.pipeline.split_points
         )
         last = self.num_stages - 1
+        tied = head_is_tied(model)  # asked before FSDP2 gives the first stage's copy its own
         mine = [s for s in range(self.num_stages) if stage_owner(s, self.dims.pp) == self.pp_rank]
         pieces: dict[int, nn.Module] = {
             s: APTStage(model, layers[s], first=s == 0, last=s == last) for s in mine
@@ -112,11 +124,23 @@ class PipelineStrategy(Strategy):
         _empty_the_rest(model, pieces.values())
         for piece in pieces.values():
             piece.to(self.env.device)
+            if self.dims.dp_shard > 1:
+                assert isinstance(piece, APTStage)
+                blocks = list(piece.blocks.values())
+                mp = mixed_precision_policy(self.cfg.fsdp, self.precision)
+                apply_fsdp(
+                    piece, self.cfg.fsdp, dp_mesh=self.mesh["dp_shard"], mp=mp, blocks=blocks
+                )
+        if tied and self.dims.dp_shard > 1:
+            # FSDP2 gave the embedding a sharded parameter; the whole model's head (outside
+            # the first stage's piece) still held the old one. Tie it again, so that an
+            # export of the whole model sees one tensor.
+            model.lm_head.weight = model.embed_tokens.weight
         self._stages = [
             PipelineStage(piece, s, self.num_stages, self.env.device, group=group)
             for s, piece in pieces.items()
         ]
-        if head_is_tied(model):
+        if tied:
             self._tie(first=stage_owner(0, self.dims.pp), last=stage_owner(last, self.dims.pp))
         forward = SequentialForward(
             pieces,
@@ -129,7 +153,8 @@ class PipelineStrategy(Strategy):
         )
         if self.env.is_main:
             spans = ", ".join(f"{s}: blocks {r.start}-{r.stop - 1}" for s, r in enumerate(layers))
-            log.info("pipeline stages %s (%s)", spans, self.cfg.pipeline.schedule)
+            inside = f", FSDP2 over dp_shard {self.dims.dp_shard}" if self.dims.dp_shard > 1 else ""
+            log.info("pipeline stages %s (%s%s)", spans, self.cfg.pipeline.schedule, inside)
         return PipelinedModel(pieces, source=model, forward=forward)
 
     def _tie(self, *, first: int, last: int) -> None:
@@ -231,9 +256,12 @@ class PipelineStrategy(Strategy):
     def _sum_tied_gradients(self, model: nn.Module) -> None:
         if self._tied is None:
             return
-        param = dict(model.named_parameters())[_TIED]
-        if param.grad is not None:
-            dist.all_reduce(param.grad, group=self._tied)
+        grad = dict(model.named_parameters())[_TIED].grad
+        if grad is not None:
+            # Under FSDP both copies are sharded alike over their stage's dp_shard ranks, and
+            # the pair shares the data-parallel coordinate: the local shards line up.
+            local = grad.to_local() if is_dtensor(grad) else grad  # type: ignore[attr-defined]
+            dist.all_reduce(local, group=self._tied)
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """The norm over every stage's gradients (a tied tensor counted once), reduced over
@@ -242,7 +270,10 @@ class PipelineStrategy(Strategy):
         counted = [p.grad for n, p in named if n != _TIED or self._tied_counted]
         local = torch.zeros((), device=self.env.device, dtype=torch.float32)
         if counted:
-            local = torch.nn.utils.get_total_norm(counted).float() ** 2  # type: ignore[arg-type]
+            norm = torch.nn.utils.get_total_norm(counted)  # type: ignore[arg-type]
+            if is_dtensor(norm):  # FSDP2 shards: the norm over the stage's dp_shard ranks
+                norm = norm.full_tensor()  # type: ignore[attr-defined]
+            local = norm.float() ** 2
         if self.mesh is not None:
             dist.all_reduce(local, group=self.mesh["pp"].get_group())
         total = local.sqrt()
@@ -302,7 +333,9 @@ class PipelineStrategy(Strategy):
         if not self.sharded:
             return super().full_state_dict(model, optimizer)
         model_sd, optim_sd = self.sharded_state_dict(model, optimizer)
-        mine = _to_cpu({"model": model_sd, "state": optim_sd.get("state", {})})
+        mine = _to_cpu({"model": model_sd, "state": optim_sd.get("state", {})})  # collective
+        if self.dims.dp_rank(self.env.rank) != 0:
+            mine = {"model": {}, "state": {}}  # the first data-parallel rank's copy suffices
         every: list[Any] = [None] * self.env.world_size if self.env.is_main else []
         dist.gather_object(mine, every if self.env.is_main else None, dst=0)
         if not self.env.is_main:
@@ -380,6 +413,10 @@ def _empty_the_rest(model: nn.Module, pieces: Any) -> None:
 
 
 def _to_cpu(tree: Any) -> Any:
+    """Whole CPU copies of the tensors in ``tree``; an FSDP2 shard is gathered over its
+    stage's dp_shard ranks (collective: they hold the same names, in the same order)."""
+    if is_dtensor(tree):
+        return tree.full_tensor().detach().to("cpu", copy=True)
     if isinstance(tree, torch.Tensor):
         return tree.detach().to("cpu", copy=True)
     if isinstance(tree, dict):

@@ -28,6 +28,12 @@ TINY = ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, max
          {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2}),
         ({"strategy": "hybrid", "data_parallel": 2, "tp": 2}, 4,
          {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2}),
+        ({"strategy": "hybrid", "pipeline_parallel": 2}, 8,
+         {"pp": 2, "dp_replicate": 1, "dp_shard": 4, "tp": 1}),
+        ({"strategy": "pipeline", "dp_shard": 2}, 8,
+         {"pp": 4, "dp_replicate": 1, "dp_shard": 2, "tp": 1}),
+        ({"strategy": "pipeline", "data_parallel": 2, "pp": 2}, 4,
+         {"pp": 2, "dp_replicate": 1, "dp_shard": 2, "tp": 1}),
     ],
 )  # fmt: skip
 def test_degrees_of_sequence_and_hybrid(given: dict, world: int, expected: dict) -> None:
@@ -37,11 +43,16 @@ def test_degrees_of_sequence_and_hybrid(given: dict, world: int, expected: dict)
 @pytest.mark.parametrize(
     ("given", "match"),
     [
-        ({"strategy": "hybrid"}, r"strategy hybrid needs its tensor-parallel degree: set tp"),
+        ({"strategy": "hybrid"}, r"strategy hybrid needs its second degree: set tp .* or pp"),
         ({"strategy": "hybrid", "tp": 2, "dp_replicate": 2},
-         r"hybrid with dp_replicate 2: hybrid runs dp_shard x tp .* only"),
-        ({"strategy": "hybrid", "tp": 2, "pp": 2}, r"hybrid with pp 2"),
-        ({"strategy": "hybrid", "tp": 4, "world_size": 4}, r"leaves dp_shard 1"),
+         r"hybrid with dp_replicate 2: hybrid runs dp_shard x tp or pp x dp_shard only"),
+        ({"strategy": "hybrid", "tp": 2, "pp": 2}, r"hybrid with tp 2 and pp 2: .*keep one"),
+        ({"strategy": "hybrid", "tp": 4, "world_size": 4}, r"leaves dp_shard 1, which is tp"),
+        ({"strategy": "hybrid", "pp": 4, "world_size": 4},
+         r"leaves dp_shard 1, which is pp alone; use strategy pipeline"),
+        ({"strategy": "hybrid", "pp": 2, "sequence_parallel": True},
+         r"sequence_parallel is true under strategy hybrid with pp 2"),
+        ({"strategy": "pipeline", "tp": 2}, r"strategy pipeline with tp 2 combines"),
         ({"strategy": "hybrid", "tp": 2, "dp_shard": 2, "world_size": 8},
          r"dp_shard 2 x tp 2 = 4, but the world size is 8"),
         ({"strategy": "sequence", "dp_shard": 2}, r"strategy sequence with dp_shard 2 combines"),
