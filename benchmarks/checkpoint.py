@@ -35,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from apt.core.config import ModelConfig
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.model import build_model
 from apt.trainops.checkpoints import CheckpointManager, Payload, ShardedStatePayload
 from apt.trainops.distributed import SideChannel, Strategy, build_strategy, setup_distributed

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from apt import load_profile
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.trainops.checkpoints import CheckpointManager, GatheredStatePayload
 from apt.trainops.checkpoints.dcp import read_dcp_tensors
 from apt.trainops.checkpoints.tensorio import join_tensors

@@ -7,6 +7,7 @@ frozen :class:`APTConfig` that remembers where every value came from.
 
 from apt.core.config.callbacks import CallbackSpec
 from apt.core.config.data import DataConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.core.config.finetune import FinetuneAlignConfig, FinetuneConfig, LoRAConfig
 from apt.core.config.loader import (
     config_from_dict,
@@ -23,7 +24,6 @@ from apt.core.config.runtime import ArtifactsConfig, EvalConfig
 from apt.core.config.schedules import AnnealSpec, SchedulesConfig
 from apt.core.config.training import (
     CheckpointConfig,
-    DistributedConfig,
     OptimizerConfig,
     SchedulerConfig,
     TrainingConfig,

@@ -130,10 +130,19 @@ def _module_fits(ckpt: VerifiedCheckpoint, part: Part) -> None:
         if saved[k] != own[k]
     )
     if missing or extra or wrong:
+        fix = "Build the model with the checkpoint's config."
+        if extra and not missing and not wrong:
+            fix = (
+                "It holds more tensors than this process's module: is this a run that holds "
+                "part of the model (its pipeline stages) resuming a whole-model checkpoint "
+                "(strategy single or ddp)? Pipeline stages resume from sharded (DCP) "
+                "checkpoints only: resume it under single, ddp or fsdp, or build the "
+                "model with the checkpoint's config."
+            )
         raise CheckpointMismatchError(
             f"{ckpt.path / rel} does not fit the {part.name}: missing {_listing(missing)}, "
             f"unexpected {_listing(extra)}, other shape or dtype (saved vs given) "
-            f"{_listing(wrong)}. Build the model with the checkpoint's config."
+            f"{_listing(wrong)}. {fix}"
         )
 
 

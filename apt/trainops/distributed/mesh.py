@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from apt.core.config.training import MESH_DIMS, DistributedConfig
+from apt.core.config.distributed import MESH_DIMS, DistributedConfig
 from apt.trainops.distributed.collectives import RankSums, SideChannel
 
 if TYPE_CHECKING:

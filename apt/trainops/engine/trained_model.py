@@ -63,7 +63,7 @@ def load_trained_model(path: str | Path) -> TrainedModel:
         ConfigError: its config no longer validates.
     """
     from apt.core.config import config_from_dict
-    from apt.core.config.training import DistributedConfig
+    from apt.core.config.distributed import DistributedConfig
     from apt.model import APTModel
     from apt.model.layers.lora import merge_lora
     from apt.model.tokenizers import load_tokenizer

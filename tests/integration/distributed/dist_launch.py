@@ -20,7 +20,7 @@ from pathlib import Path
 
 import dist_worker
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.trainops.distributed import DistEnv, build_strategy
 
 HERE = Path(__file__).resolve().parent

@@ -25,8 +25,8 @@ import dist_contract
 import dist_workload as wl
 import torch
 
+from apt.core.config.distributed import DistributedConfig, FSDPOptions
 from apt.core.config.model import MoEConfig
-from apt.core.config.training import DistributedConfig, FSDPOptions
 from apt.core.errors import DistributedError
 from apt.trainops.checkpoints.dcp import load_dcp, save_dcp
 from apt.trainops.distributed import (

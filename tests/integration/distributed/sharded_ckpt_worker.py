@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_workload as wl
 from safetensors.torch import save_file
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.trainops.checkpoints import CheckpointManager, ShardedStatePayload
 from apt.trainops.distributed import (
     SideChannel,

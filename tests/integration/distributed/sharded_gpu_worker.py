@@ -19,7 +19,7 @@ import dist_workload as wl
 import torch
 import torch.distributed as dist
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.trainops.checkpoints import CheckpointManager, ShardedStatePayload
 from apt.trainops.checkpoints.dcp import read_dcp_tensors
 from apt.trainops.distributed import SideChannel, build_strategy, exit_process, setup_distributed

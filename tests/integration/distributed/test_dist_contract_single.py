@@ -7,7 +7,7 @@ from pathlib import Path
 import dist_contract
 import pytest
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.trainops.distributed import STRATEGIES, DistEnv, build_strategy
 
 

@@ -9,7 +9,6 @@ launches, 5 of 4 processes, the module's runs shared by its tests).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -62,12 +61,7 @@ def killed(work: Path) -> dict:
     """hybrid 2 x 2 with rank 3 crashing after step 7; then the same command again. The
     folder as the crash left it (LATEST: step 5) is also copied to ``runs/to-single``."""
     cmd = hybrid_cmd("killed", tr.FAULT_HOOK)
-    crashed = tr.run(cmd, work, APT_TEST_FAULT="die:3@7")
-    run_dir = work / "runs" / "killed"
-    latest = tr.latest(run_dir)
-    shutil.copytree(run_dir, work / "runs" / "to-single")
-    rerun = tr.run(cmd, work).check()
-    return {"crashed": crashed, "latest": latest, "rerun": rerun}
+    return tr.crash_then_rerun(cmd, work, fault="die:3@7", copy_to="to-single")
 
 
 def _matches_single(name: str, work: Path) -> None:

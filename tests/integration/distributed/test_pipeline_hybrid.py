@@ -11,7 +11,6 @@ processes, 1 of 2).
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -60,12 +59,7 @@ def killed(work: Path) -> dict:
     """pp 2 x dp_shard 2 with rank 3 crashing after step 7; then the same command again. The
     folder as the crash left it (LATEST: step 5) is also copied to ``runs/to-fsdp``."""
     cmd = pp_dp_cmd("killed", tr.FAULT_HOOK)
-    crashed = tr.run(cmd, work, APT_TEST_FAULT="die:3@7")
-    run_dir = work / "runs" / "killed"
-    latest = tr.latest(run_dir)
-    shutil.copytree(run_dir, work / "runs" / "to-fsdp")
-    rerun = tr.run(cmd, work).check()
-    return {"crashed": crashed, "latest": latest, "rerun": rerun}
+    return tr.crash_then_rerun(cmd, work, fault="die:3@7", copy_to="to-fsdp")
 
 
 def test_ten_steps_match_one_process(single: tr.Finished, pp_dp: tr.Finished, work: Path) -> None:

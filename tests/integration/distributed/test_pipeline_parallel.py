@@ -73,12 +73,7 @@ def killed(work: Path) -> dict:
     """1f1b x2 with rank 1 crashing after step 7; then the same command again. The folder
     as the crash left it (LATEST: step 5) is also copied to ``runs/to-single``."""
     cmd = pipeline_cmd("killed", schedule("1f1b"), tr.FAULT_HOOK)
-    crashed = tr.run(cmd, work, APT_TEST_FAULT="die:1@7")
-    run_dir = work / "runs" / "killed"
-    latest = tr.latest(run_dir)
-    shutil.copytree(run_dir, work / "runs" / "to-single")
-    rerun = tr.run(cmd, work).check()
-    return {"crashed": crashed, "latest": latest, "rerun": rerun}
+    return tr.crash_then_rerun(cmd, work, fault="die:1@7", copy_to="to-single")
 
 
 @pytest.mark.parametrize("name", ["1f1b", "gpipe"])
@@ -195,3 +190,15 @@ def test_layout_errors_stop_both_ranks(work: Path, override: str, message: str) 
     assert done.returncode == 2, done.output[-3000:]  # a config error, on both ranks
     assert done.output.count("config error: ") == 2, done.output[-3000:]
     assert message in done.output, done.output[-3000:]
+
+
+def test_a_whole_model_checkpoint_is_refused_naming_why(single: tr.Finished, work: Path) -> None:
+    """A pipeline rank holds part of the model; a gathered one-process checkpoint holds all of
+    it. The resume stops (no training from scratch over it) and says what to do instead."""
+    shutil.copytree(work / "runs" / "single", work / "runs" / "single-to-pp")
+    cmd = [*pipeline_cmd("single-to-pp"), "--allow-config-change"]
+    done = tr.run(cmd, work, timeout=60)
+    assert done.returncode != 0
+    assert "Pipeline stages resume from sharded (DCP) checkpoints only" in done.output, done.output[
+        -3000:
+    ]

@@ -19,7 +19,7 @@ import torch
 from dist_launch import free_port, worker_env
 from safetensors.torch import load_file
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.trainops.checkpoints import CheckpointManager, ShardedStatePayload
 from apt.trainops.checkpoints.dcp import read_dcp_tensors
 from apt.trainops.checkpoints.fsio import hash_file

@@ -8,7 +8,6 @@ sums are split differs. Every run is 10 steps (checkpoints at 5 and 10). About 3
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -63,12 +62,7 @@ def killed(work: Path) -> dict:
     """tensor x2 with rank 1 crashing after step 7; then the same command again. The folder
     as the crash left it (LATEST: step 5) is also copied to ``runs/to-single``."""
     cmd = tensor_cmd("killed", tr.FAULT_HOOK)
-    crashed = tr.run(cmd, work, APT_TEST_FAULT="die:1@7")
-    run_dir = work / "runs" / "killed"
-    latest = tr.latest(run_dir)
-    shutil.copytree(run_dir, work / "runs" / "to-single")
-    rerun = tr.run(cmd, work).check()
-    return {"crashed": crashed, "latest": latest, "rerun": rerun}
+    return tr.crash_then_rerun(cmd, work, fault="die:1@7", copy_to="to-single")
 
 
 def test_ten_steps_match_one_process(single: tr.Finished, tensor: tr.Finished, work: Path) -> None:

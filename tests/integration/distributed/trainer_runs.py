@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +101,22 @@ def strategy_cmd(
     )
     return [sys.executable, "-m", "apt", "launch", f"--nproc-per-node={nproc}",
             "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args]  # fmt: skip
+
+
+def crash_then_rerun(cmd: list[str], cwd: Path, *, fault: str, copy_to: str) -> dict:
+    """Run ``cmd`` (which trains ``runs/killed``, with :data:`FAULT_HOOK`) armed with
+    ``APT_TEST_FAULT=fault``, copy the folder the crash left to ``runs/<copy_to>`` (for a
+    resume under another layout), then run the same command again.
+
+    Returns:
+        ``{"crashed": Finished, "latest": LATEST after the crash, "rerun": Finished}``.
+    """
+    crashed = run(cmd, cwd, APT_TEST_FAULT=fault)
+    run_dir = cwd / "runs" / "killed"
+    latest_after_crash = latest(run_dir)
+    shutil.copytree(run_dir, cwd / "runs" / copy_to)
+    rerun = run(cmd, cwd).check()
+    return {"crashed": crashed, "latest": latest_after_crash, "rerun": rerun}
 
 
 def first_gradients_hook(stem: Path) -> str:

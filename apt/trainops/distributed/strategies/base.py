@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.core.errors import DistributedError
 from apt.core.registry import Registry
 from apt.trainops.distributed.dtensor import is_dtensor

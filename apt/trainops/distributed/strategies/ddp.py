@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from apt.core.config.training import DDPOptions
+from apt.core.config.distributed import DDPOptions
 from apt.trainops.distributed.ddp_wrapper import DDPWrapper, model_has_moe
 from apt.trainops.distributed.strategies.base import STRATEGIES, Strategy
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.trainops.distributed.env import DistEnv
 from apt.trainops.distributed.expert_parallel import apply_ep, expert_parameter_names
 from apt.trainops.distributed.strategies.ddp import DDPStrategy, apply_ddp

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 
-from apt.core.config.training import DistributedConfig, FSDPOptions
+from apt.core.config.distributed import DistributedConfig, FSDPOptions
 from apt.core.errors import DistributedError
 from apt.trainops.distributed.env import DistEnv
 from apt.trainops.distributed.strategies.base import Strategy, unwrap_model

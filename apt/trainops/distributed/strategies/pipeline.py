@@ -38,7 +38,7 @@ from torch.distributed.pipelining import (
     ScheduleInterleaved1F1B,
 )
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.core.errors import ConfigError
 from apt.model.architectures.apt_model import APTModel
 from apt.model.architectures.stages import PIPELINE_LAYERS, APTStage, head_is_tied

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils import _pytree as pytree
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.core.errors import DistributedError
 from apt.trainops.distributed.env import DistEnv
 from apt.trainops.distributed.strategies.base import Strategy

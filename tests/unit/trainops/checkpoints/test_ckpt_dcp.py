@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.core.errors import CheckpointError
 from apt.trainops.checkpoints.dcp import load_dcp, save_dcp
 from apt.trainops.distributed import DistEnv, build_strategy

@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.core.errors import CheckpointError
 from apt.trainops.checkpoints import CheckpointManager, ShardedStatePayload
 from apt.trainops.checkpoints.dcp import read_dcp_tensors

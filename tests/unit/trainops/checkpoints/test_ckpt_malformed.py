@@ -348,7 +348,8 @@ MISFITS = {
     "a missing tensor": (lambda t: t.pop("proj.bias"), "missing ['proj.bias']"),
     "an extra tensor": (
         lambda t: t.update({"extra.weight": torch.zeros(2)}),
-        "unexpected ['extra.weight']",
+        "unexpected ['extra.weight'], other shape or dtype (saved vs given) []. It holds more "
+        "tensors than this process's module",
     ),
 }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from apt.core.config.training import DistributedConfig
+from apt.core.config.distributed import DistributedConfig
 from apt.core.errors import CheckpointError
 from apt.trainops.checkpoints import CheckpointManager, FullStatePayload, GatheredStatePayload
 from apt.trainops.distributed import DistEnv, build_strategy

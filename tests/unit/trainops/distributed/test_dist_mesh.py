@@ -8,8 +8,8 @@ import torch
 from pydantic import ValidationError
 
 from apt import load_profile
+from apt.core.config.distributed import DistributedConfig
 from apt.core.config.model import ModelConfig
-from apt.core.config.training import DistributedConfig
 from apt.core.errors import ConfigError
 from apt.model import build_model
 from apt.model.architectures.sharding import APT_TENSOR_PLAN

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from apt.core.config.distributed import DistributedConfig
 from apt.core.config.model import ModelConfig, MoEConfig
-from apt.core.config.training import DistributedConfig
 from apt.core.errors import ConfigError, DistributedError
 from apt.model import build_model
 from apt.model.architectures.sharding import APT_TENSOR_PLAN, TensorPlan

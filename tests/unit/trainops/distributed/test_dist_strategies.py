@@ -11,8 +11,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from apt.core.config.distributed import DDPOptions, DistributedConfig, FSDPOptions
 from apt.core.config.model import ModelConfig, MoEConfig
-from apt.core.config.training import DDPOptions, DistributedConfig, FSDPOptions
 from apt.core.errors import ConfigError, DistributedError
 from apt.model import build_model
 from apt.trainops.distributed import (

@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from apt.core.config.distributed import DistributedConfig, PipelineOptions
 from apt.core.config.model import ModelConfig
-from apt.core.config.training import DistributedConfig, PipelineOptions
 from apt.core.errors import ConfigError
 from apt.model import build_model
 from apt.model.architectures.stages import APTStage, head_is_tied
