@@ -208,21 +208,36 @@ def apply_finetune(cfg: FinetuneConfig, *, model: nn.Module) -> FinetunePlan:
     return plan
 
 
-def check_align_strategy(cfg: FinetuneConfig, *, strategy: str, sharded: bool) -> None:
-    """Refuse ``finetune.align`` where its reference forward would be wrong: with sharded
-    parameters (FSDP, tensor parallel) the strategy's own unsharding, not the reference
-    tensors, decides what the reference forward computes (measured under FSDP on 2 ranks: the
-    losses leave a single process's at the second step, by 2.6%).
+def check_align_strategy(
+    cfg: FinetuneConfig, *, model: nn.Module, strategy: str, sharded: bool
+) -> None:
+    """Refuse an align KL (``finetune.align``, or ``model.align`` of an APT model) where its
+    reference forward would be wrong: with sharded parameters (FSDP, tensor parallel,
+    pipeline stages) the strategy's own unsharding, not the reference tensors, decides what
+    the reference forward computes (measured for finetune.align under FSDP on 2 ranks: the
+    losses leave a single process's at the second step, by 2.6%; model.align runs the same
+    reference forward).
 
     Raises:
-        ConfigError: ``cfg.align`` is set and the strategy shards the parameters.
+        ConfigError: an align KL is on and the strategy shards the parameters.
     """
-    if cfg.align is not None and sharded:
+    if not sharded:
+        return
+    on = [
+        key
+        for key, present in (
+            ("finetune.align", cfg.align is not None),
+            ("model.align", isinstance(model, APTModel) and model.config.align is not None),
+        )
+        if present
+    ]
+    if on:
+        key = on[0]
         raise ConfigError(
-            f"finetune.align: the KL to the starting model cannot train under "
+            f"{key}: the KL to the reference model cannot train under "
             f"training.distributed.strategy {strategy}, which shards the parameters (the "
             "reference forward would not see the reference weights). To fix: use strategy "
-            "single or ddp, or remove finetune.align."
+            f"single or ddp, or remove {key}."
         )
 
 

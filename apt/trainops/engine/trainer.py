@@ -280,7 +280,10 @@ class Trainer:
         self.strategy = build_strategy(tcfg.distributed, env=env, precision=tcfg.precision)
         tcfg.distributed.check_sequence_length(cfg.data.seq_len, tp=self.strategy.dims.tp)
         check_align_strategy(
-            cfg.finetune, strategy=self.strategy.name, sharded=self.strategy.sharded
+            cfg.finetune,
+            model=raw_model,
+            strategy=self.strategy.name,
+            sharded=self.strategy.sharded,
         )
         # One gloo channel for the loop's host sums, one for checkpoint coordination (the
         # async writer thread): collectives from two threads must not share a group.

@@ -218,8 +218,13 @@ def test_a_model_with_its_own_align_loss_is_refused() -> None:
 
 
 def test_sharded_strategies_are_refused() -> None:
-    cfg = FinetuneConfig.model_validate({"align": {}})
-    with pytest.raises(ConfigError, match=r"strategy fsdp, which shards .* use strategy single"):
-        check_align_strategy(cfg, strategy="fsdp", sharded=True)
-    check_align_strategy(cfg, strategy="ddp", sharded=False)
-    check_align_strategy(FinetuneConfig(), strategy="fsdp", sharded=True)
+    cfg, plain = FinetuneConfig.model_validate({"align": {}}), _model()
+    with pytest.raises(ConfigError, match=r"^finetune\.align: .*strategy fsdp, which shards"):
+        check_align_strategy(cfg, model=plain, strategy="fsdp", sharded=True)
+    check_align_strategy(cfg, model=plain, strategy="ddp", sharded=False)
+    check_align_strategy(FinetuneConfig(), model=plain, strategy="fsdp", sharded=True)
+    # model.align runs the same reference forward
+    aligned = _model(align={})
+    with pytest.raises(ConfigError, match=r"^model\.align: .*strategy tensor, .*remove model"):
+        check_align_strategy(FinetuneConfig(), model=aligned, strategy="tensor", sharded=True)
+    check_align_strategy(FinetuneConfig(), model=aligned, strategy="ddp", sharded=False)
