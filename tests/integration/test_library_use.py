@@ -104,15 +104,15 @@ def test_the_thread_count_is_recorded_and_a_different_one_is_warned_of(
 
 
 def test_a_gpu_profile_on_the_cpu_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
-    from apt.trainops.engine.trainer import _warn_if_made_for_gpus
+    from apt.trainops.engine.preflight import warn_if_made_for_gpus
 
     cfg = load_profile("standard").training
     with caplog.at_level("WARNING", logger="apt"):
-        _warn_if_made_for_gpus(cfg, torch.nn.Linear(8000, 8000), torch.device("cpu"))
+        warn_if_made_for_gpus(cfg, torch.nn.Linear(8000, 8000), torch.device("cpu"))
     assert "set up for GPUs (precision bf16, torch.compile, 64M parameters)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="apt"):
-        _warn_if_made_for_gpus(
+        warn_if_made_for_gpus(
             load_profile("quickstart").training, torch.nn.Linear(8, 8), torch.device("cpu")
         )
     assert caplog.text == ""

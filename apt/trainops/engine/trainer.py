@@ -11,13 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from apt.core.config import APTConfig, TrainingConfig
+from apt.core.config import APTConfig
 from apt.core.cpus import default_cpu_threads
 from apt.core.errors import CheckpointError, ConfigError
 from apt.core.logs import install_console_logging
 from apt.model.layers.lora import merged_state_dict
-from apt.trainops.artifacts import ArtifactManager, ExportError, RunFolderError, is_inside
-from apt.trainops.checkpoints.layout import committed_dirs
+from apt.trainops.artifacts import ArtifactManager, ExportError
 from apt.trainops.data.build import data_tokenizer
 from apt.trainops.data.tokenizers import Tokenizer, token_byte_lengths
 from apt.trainops.distributed import (
@@ -54,6 +53,8 @@ from apt.trainops.engine.freeze import (
 from apt.trainops.engine.keywords import LENGTH_KEYWORDS, config_with_keywords
 from apt.trainops.engine.loop import TrainingLoop
 from apt.trainops.engine.precision import make_autocast, make_grad_scaler, seed_everything
+from apt.trainops.engine.preflight import check_ranks_agree, warn_if_made_for_gpus
+from apt.trainops.engine.run_claim import claim_run_folder
 from apt.trainops.engine.signals import graceful_exit
 from apt.trainops.engine.state import TrainState
 from apt.trainops.engine.tasks import TrainingTask, build_task
@@ -93,46 +94,6 @@ class TrainResult:
     exit_signal: int | None = None
     steps_run: int = 0
     export_error: str | None = None
-
-
-#: Models from this size up are meant for accelerators: on a CPU they take minutes per step.
-_GPU_SIZED_PARAMETERS = 50_000_000
-
-
-def _warn_if_made_for_gpus(cfg: TrainingConfig, model: nn.Module, device: torch.device) -> None:
-    """Say so when a run configured for GPUs (bf16/fp16, torch.compile, a large model) is
-    about to train on the CPU, before the user waits minutes for the first step."""
-    if device.type != "cpu":
-        return
-    params = sum(p.numel() for p in model.parameters())
-    reasons = [f"precision {cfg.precision}"] if cfg.precision != "fp32" else []
-    reasons += ["torch.compile"] if cfg.compile else []
-    reasons += [f"{params / 1e6:.0f}M parameters"] if params >= _GPU_SIZED_PARAMETERS else []
-    if reasons:
-        log.warning(
-            "this run is set up for GPUs (%s) but trains on the CPU (no CUDA device found): "
-            "expect it to be very slow. For a CPU run use --profile quickstart, or set "
-            "training.precision=fp32 and a smaller model.",
-            ", ".join(reasons),
-        )
-
-
-def _check_ranks_agree(cfg: APTConfig, rank: int) -> None:
-    """Every rank must train the same config into the same run folder."""
-    import torch.distributed as dist
-
-    mine = (cfg.fingerprint(), f"{cfg.artifacts.output_dir}/{cfg.artifacts.experiment_name}")
-    seen: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, mine)
-    if any(other != mine for other in seen):
-        differing = sorted(
-            {f"rank {r}: run folder {s[1]}, config {s[0][:12]}" for r, s in enumerate(seen)}
-        )
-        raise ConfigError(
-            f"rank {rank}: the processes were started with different configs:\n  "
-            + "\n  ".join(differing)
-            + "\nStart every rank with the same profile and --set overrides."
-        )
 
 
 class Trainer:
@@ -218,7 +179,7 @@ class Trainer:
         self.device = env.device
         install_console_logging(main=env.is_main)
         if env.world_size > 1:
-            _check_ranks_agree(cfg, env.rank)
+            check_ranks_agree(cfg, env.rank)
         torch.set_num_threads(
             tcfg.cpu_threads
             or default_cpu_threads(processes=env.local_world_size, workers=cfg.data.num_workers)
@@ -264,7 +225,7 @@ class Trainer:
         (the run folder is held already)."""
         cfg, tcfg, env = self.config, self.config.training, self.env
         raw_model = model if model is not None else self.task.build_model(cfg.model)
-        _warn_if_made_for_gpus(tcfg, raw_model, env.device)
+        warn_if_made_for_gpus(tcfg, raw_model, env.device)
         # LoRA layers and requires_grad first: the strategy shards, and the optimizer sees,
         # the parameters that train; a checkpoint holds the adapters as model state. Then the
         # finetune.align reference, the model as it is before the first step (a resumed run
@@ -387,40 +348,9 @@ class Trainer:
         )
 
     def _claim_run_folder(self, *, new_run: bool) -> None:
-        """Lock the run folder (and a checkpoint folder outside it) on rank 0, for the run.
-
-        Every rank learns rank 0's outcome, so a refusal ends the whole job with rank 0's
-        error and exit code (2 for a folder in use) instead of leaving the others waiting at
-        the next collective. Also refuses ``--new-run`` when checkpoints outside the run
-        folder would be resumed: only the run folder itself is ever moved aside.
-        """
-        error: BaseException | None = None
-        if self.env.is_main:
-            try:
-                self.artifacts.lock(checkpoints=self._checkpoint_dir)
-                outside = not is_inside(self._checkpoint_dir, self.run_dir)
-                if new_run and outside and committed_dirs(self._checkpoint_dir):
-                    self.artifacts.unlock()
-                    raise RunFolderError(
-                        f"--new-run moves only the run folder aside, and the checkpoints in "
-                        f"{self._checkpoint_dir} (training.checkpoints.directory, outside the run "
-                        "folder) would be resumed. Move them away, or set another "
-                        "training.checkpoints.directory."
-                    )
-            except Exception as exc:
-                error = exc
-        if self.env.world_size > 1:
-            import torch.distributed as dist
-
-            outcome = [None if error is None else (str(error), getattr(error, "exit_code", 1))]
-            with distributed_errors(f"taking the run folder (rank {self.env.rank})"):
-                dist.broadcast_object_list(outcome, src=0)
-            if outcome[0] is not None and not self.env.is_main:
-                message, code = outcome[0]
-                error = RunFolderError(f"rank {self.env.rank}: rank 0 stopped the run: {message}")
-                error.exit_code = code
-        if error is not None:
-            raise error
+        claim_run_folder(
+            self.artifacts, env=self.env, checkpoint_dir=self._checkpoint_dir, new_run=new_run
+        )
         self._claimed = True
 
     def close(self) -> None:
