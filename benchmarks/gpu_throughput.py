@@ -180,6 +180,7 @@ class Clock:
         self.start = self.end = math.nan
         self.profiler: Any = None
         self.profile: dict[str, float] | None = None
+        self.top_kernels: list[tuple[str, float]] | None = None
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -200,6 +201,7 @@ class Clock:
             self.sync()
             self.profiler.__exit__(None, None, None)
             self.profile = kernel_time_by_kind(self.profiler, self.args.profile_steps)
+            self.top_kernels = largest_kernels(self.profiler, self.args.profile_steps)
 
     def report(self, name: str, flops: float) -> dict[str, Any]:
         seconds = self.end - self.start
@@ -217,6 +219,7 @@ class Clock:
             "step_ms": round(step_ms, 2),
             "device_busy_fraction": busy,
             "device_ms_per_step_by_kind": self.profile,
+            "largest_kernels_ms_per_step": self.top_kernels,
             "tokens_per_second": round(tokens_per_second),
             "mfu": None if peak is None else round(tokens_per_second * flops / peak, 4),
             "flops_per_token": flops,
@@ -234,9 +237,9 @@ KERNEL_KINDS = (
 )
 
 
-def kernel_time_by_kind(profiler: Any, steps: int) -> dict[str, float]:
-    """Device milliseconds per step by kind of kernel, from a profile of ``steps`` steps."""
-    totals: dict[str, float] = {}
+def device_kernels(profiler: Any, steps: int) -> list[tuple[str, float]]:
+    """Every device kernel of a profile of ``steps`` steps and its milliseconds per step."""
+    kernels = []
     for event in profiler.key_averages():
         device_us = getattr(event, "self_device_time_total", None)
         if device_us is None:
@@ -245,10 +248,24 @@ def kernel_time_by_kind(profiler: Any, steps: int) -> dict[str, float]:
             continue
         if str(event.device_type).endswith("CPU"):
             continue
-        name = event.key.lower()
+        kernels.append((event.key, device_us / 1e3 / steps))
+    return kernels
+
+
+def kernel_time_by_kind(profiler: Any, steps: int) -> dict[str, float]:
+    """Device milliseconds per step by kind of kernel, from a profile of ``steps`` steps."""
+    totals: dict[str, float] = {}
+    for key, ms in device_kernels(profiler, steps):
+        name = key.lower()
         kind = next((k for k, parts in KERNEL_KINDS if any(p in name for p in parts)), "other")
-        totals[kind] = totals.get(kind, 0.0) + device_us / 1e3 / steps
+        totals[kind] = totals.get(kind, 0.0) + ms
     return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def largest_kernels(profiler: Any, steps: int, top: int = 25) -> list[tuple[str, float]]:
+    """The ``top`` kernels by device time per step (names cut to 100 characters)."""
+    kernels = sorted(device_kernels(profiler, steps), key=lambda kv: -kv[1])[:top]
+    return [(key[:100], round(ms, 3)) for key, ms in kernels]
 
 
 def _shape(args: argparse.Namespace) -> dict[str, int]:

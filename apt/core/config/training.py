@@ -232,6 +232,12 @@ class TrainingConfig(Section):
         "replay the step as CUDA graphs (fewer launch gaps, more memory); "
         "max-autotune-no-cudagraphs only searches faster kernels (longer compilation).",
     )
+    compile_options: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        description="Inductor options for torch.compile on top of compile_mode's (names as "
+        "torch._inductor.list_options() prints them, e.g. {combo_kernels: true}); an unknown "
+        "name is refused when the model is compiled.",
+    )
     device: str = Field(
         "auto",
         description="auto (cuda when present, else cpu), cpu, cuda, cuda:N (GPU N, one "

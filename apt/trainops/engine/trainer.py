@@ -254,7 +254,7 @@ class Trainer:
         # has to fit on one device.
         trained = self.strategy.apply(raw_model)
         if tcfg.compile:
-            trained = self.strategy.compile(trained, tcfg.compile_mode)
+            trained = self.strategy.compile(trained, tcfg.compile_mode, tcfg.compile_options)
         self.train_loader, self.eval_loader = build_loaders(
             cfg.data,
             task=self.task,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from apt.core.config.distributed import DistributedConfig
-from apt.core.errors import DistributedError
+from apt.core.errors import ConfigError, DistributedError
 from apt.core.registry import Registry
 from apt.trainops.distributed.dtensor import is_dtensor
 from apt.trainops.distributed.env import DistEnv, check_world_size, in_process_group
@@ -39,6 +39,28 @@ __all__ = ["STRATEGIES", "MicroBatches", "Strategy", "build_strategy", "unwrap_m
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def compile_arguments(mode: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``torch.compile``'s keywords for a mode and inductor options: torch takes one or the
+    other, so options come on top of the mode's own (``torch._inductor.list_mode_options``).
+
+    Raises:
+        ConfigError: an option inductor does not have, named with the fix.
+    """
+    if not options:
+        return {"mode": mode}
+    import torch._inductor
+
+    known = set(torch._inductor.list_options())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"training.compile_options: {', '.join(unknown)} is not an inductor option of torch "
+            f"{torch.__version__}; see python -c 'import torch._inductor as i; "
+            "print(i.list_options())', or remove it."
+        )
+    return {"options": {**torch._inductor.list_mode_options(mode), **options}}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -149,10 +171,13 @@ class Strategy:
         """Move ``model`` to this rank's device and wrap/shard it; use the result for training."""
         return model.to(self.env.device)
 
-    def compile(self, model: nn.Module, mode: str = "default") -> nn.Module:
+    def compile(
+        self, model: nn.Module, mode: str = "default", options: dict[str, Any] | None = None
+    ) -> nn.Module:
         """``torch.compile`` the wrapped model (``training.compile``, ``mode``:
-        ``training.compile_mode``); returns what to train."""
-        return torch.compile(model, mode=mode)  # type: ignore[return-value]
+        ``training.compile_mode``, ``options``: ``training.compile_options``); returns what to
+        train."""
+        return torch.compile(model, **compile_arguments(mode, options))  # type: ignore[return-value]
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module (no DDP, no ``torch.compile`` wrapper)."""

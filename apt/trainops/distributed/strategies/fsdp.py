@@ -26,7 +26,7 @@ from torch.distributed.fsdp import (
 from apt.core.config.distributed import DistributedConfig, FSDPOptions
 from apt.core.errors import DistributedError
 from apt.trainops.distributed.env import DistEnv
-from apt.trainops.distributed.strategies.base import Strategy, unwrap_model
+from apt.trainops.distributed.strategies.base import Strategy, compile_arguments, unwrap_model
 
 __all__ = ["FSDPStrategy", "apply_fsdp", "mixed_precision_policy", "transformer_blocks"]
 
@@ -150,12 +150,15 @@ class FSDPStrategy(Strategy):
             root.set_requires_gradient_sync(True)
             root.set_reshard_after_backward(True)
 
-    def compile(self, model: nn.Module, mode: str = "default") -> nn.Module:
+    def compile(
+        self, model: nn.Module, mode: str = "default", options: dict[str, Any] | None = None
+    ) -> nn.Module:
         """Compile each transformer block in place (FSDP's hooks stay between the compiled
         regions, and parameter names keep no ``_orig_mod.`` prefix)."""
         blocks = transformer_blocks(unwrap_model(model))
         if not blocks:
-            return super().compile(model, mode)
+            return super().compile(model, mode, options)
+        arguments = compile_arguments(mode, options)
         for block in blocks:
-            block.compile(mode=mode)
+            block.compile(**arguments)
         return model

@@ -169,7 +169,9 @@ class PipelineStrategy(Strategy):
                 # Counted once in the gradient norm: by the first stage's copy.
                 self._tied_counted = self.env.rank == ranks[first]
 
-    def compile(self, model: nn.Module, mode: str = "default") -> nn.Module:
+    def compile(
+        self, model: nn.Module, mode: str = "default", options: dict[str, Any] | None = None
+    ) -> nn.Module:
         raise ConfigError(
             "training.compile under training.distributed.strategy pipeline is not supported "
             "yet: set training.compile: false"

@@ -27,6 +27,7 @@ from apt.trainops.distributed import (
 )
 from apt.trainops.distributed.ddp_wrapper import model_has_moe
 from apt.trainops.distributed.strategies import transformer_blocks
+from apt.trainops.distributed.strategies.base import compile_arguments
 
 CPU = DistEnv.single("cpu")
 TINY = ModelConfig(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, max_seq_len=8)
@@ -186,3 +187,25 @@ def test_fsdp_shards_blocks_and_root(gloo_world1, precision, param_dtype, out_dt
     assert out.dtype == out_dtype
     model.reshard()  # the root stays gathered after forward (reshard_after_forward=False)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 master weights
+
+
+def test_compile_options_go_on_top_of_the_mode() -> None:
+    assert compile_arguments("reduce-overhead", {}) == {"mode": "reduce-overhead"}
+    merged = compile_arguments("reduce-overhead", {"combo_kernels": True})
+    assert merged == {"options": {"triton.cudagraphs": True, "combo_kernels": True}}
+
+
+def test_an_unknown_compile_option_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match=r"compile_options: combo_kernel is not an inductor"):
+        compile_arguments("default", {"combo_kernel": True, "combo_kernels": True})
+
+
+def test_compile_options_reach_inductor(tmp_path) -> None:
+    """Inductor's trace option writes the generated code where it is told: the options were
+    in force when the model compiled (the graph cache is off, so it really compiles)."""
+    options = {"trace.enabled": True, "trace.debug_dir": str(tmp_path), "fx_graph_cache": False}
+    model = nn.Linear(4, 2)
+    compiled = SingleStrategy(DistributedConfig(), env=CPU).compile(model, "default", options)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert list(tmp_path.rglob("output_code.py"))
