@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from apt.core.config import load_profile
 from apt.trainops.engine import Callback, Control, RunState, Trainer
 from apt.trainops.engine.curriculum import anneal_value
 
+AUX_LOSSES = ("train_moe_balance", "train_moe_z", "train_align_kl")
 OVERRIDES = [
     "model.hidden_size=32",
     "model.num_layers=1",
@@ -25,6 +27,7 @@ OVERRIDES = [
     "schedules.enable_align_at_epoch=2",
     "schedules.enable_voter_at_epoch=3",
     "schedules.align_weight={start: 0.1, end: 0.3, by: step, warmup: 5}",
+    "monitoring.log_interval=1",
 ]
 
 
@@ -34,6 +37,7 @@ class Probe(Callback):
     def __init__(self) -> None:
         self.epochs: list[dict[str, object]] = []
         self.steps: list[tuple[int, float]] = []
+        self.switched_on: dict[int, set[str]] = {}
 
     def on_epoch_start(self, state: RunState, control: Control) -> None:
         model = state.model
@@ -49,6 +53,10 @@ class Probe(Callback):
 
     def on_step_start(self, state: RunState, control: Control) -> None:
         self.steps.append((state.global_step, state.model.get_scheduled("align.loss_weight")))
+
+    def on_step_end(self, state: RunState, control: Control) -> None:
+        on = {name for name, m in state.model.controllable_modules().items() if m.enabled}
+        self.switched_on[state.global_step] = on
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +99,30 @@ def test_step_annealed_values_equal_the_closed_form(curriculum: tuple[Trainer, P
     for step, value in probe.steps:
         assert value == pytest.approx(anneal_value(spec, step, total), abs=1e-7)
     assert probe.steps[0][1] == 0.0 and probe.steps[5][1] == pytest.approx(0.1)
+
+
+def test_the_loss_parts_of_each_step_are_logged_and_sum_to_its_loss(
+    curriculum: tuple[Trainer, Probe],
+) -> None:
+    """train_lm_loss and the auxiliary losses of the modules switched on at that step (none
+    before MoE): their sum is the step's train_loss (the same target weighting, 1e-5)."""
+    trainer, probe = curriculum
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    steps = [r for r in map(json.loads, lines) if "train_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, trainer.plan.total_steps + 1))
+    for record in steps:
+        on = probe.switched_on[record["step"]]
+        parts = {k: v for k, v in record.items() if k in AUX_LOSSES}
+        expected = {"train_moe_balance", "train_moe_z"} if "moe" in on else set()
+        expected |= {"train_align_kl"} if "align" in on else set()
+        assert set(parts) == expected, record
+        if not parts:
+            assert "train_lm_loss" not in record
+            continue
+        assert sum(parts.values()) > 0
+        total = record["train_lm_loss"] + sum(parts.values())
+        assert total == pytest.approx(record["train_loss"], rel=1e-5), record
+        assert 0.0 <= record["train_moe_overflow_fraction"] <= 1.0
 
 
 def test_training_works_through_the_switches(curriculum: tuple[Trainer, Probe]) -> None:

@@ -75,15 +75,25 @@ class _StepWork:
         self.loop, self.scale = loop, scale
         self.batches: Sequence[Any] = batches
         self.counts: Sequence[int] = counts
+        self.stats: dict[str, torch.Tensor] = {}  # this rank's share of the step's statistics
+        self._current = 0
 
     def begin(self, i: int) -> Any:
         self.loop.fire(Event.BATCH_START)
+        self._current = i
         return to_device(self.batches[i], self.loop.device)
 
     def forward(self, batch: Any) -> torch.Tensor:
         loop = self.loop
         with loop.autocast():
-            return loop.task.train_step(loop.model, batch, loop.criterion).loss
+            out = loop.task.train_step(loop.model, batch, loop.criterion)
+        # Weighted as the loss is (scale: ranks / the step's targets on every rank), so the
+        # ranks' shares sum to the step's mean over its targets.
+        weight = self.counts[self._current] * self.scale / self.loop.sums.world_size
+        for name, value in out.stats.items():
+            share = value.detach().float() * weight
+            self.stats[name] = self.stats[name] + share if name in self.stats else share
+        return out.loss
 
     def backward(self, loss: torch.Tensor) -> None:
         with self.backward_events():
@@ -283,7 +293,9 @@ class TrainingLoop:
         # averages over ranks, so the update equals one large batch of every target.
         scale = self.sums.world_size / global_count
         # The strategy runs the micro-batches (one by one, or a pipeline schedule all at once).
-        loss_sum = self.strategy.forward_backward(self.model, _StepWork(self, micro, counts, scale))
+        work = _StepWork(self, micro, counts, scale)
+        loss_sum = self.strategy.forward_backward(self.model, work)
+        state.step_stats = work.stats
         # The loss stays on the device (read only when someone looks); whether any rank got
         # SIGTERM/SIGINT is summed on the host, so every rank agrees to stop at the end of this
         # very step without waiting for the device.

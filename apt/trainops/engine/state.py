@@ -35,6 +35,10 @@ class TrainState:
             run evaluates first, so it sees what an uninterrupted run saw.
         skipped_steps: updates skipped for a non-finite loss (``on_nonfinite: skip_step``).
         nonfinite_streak: non-finite steps in a row, up to the latest one.
+        step_stats: this rank's share of the latest step's statistics (the task's
+            ``StepOutput.stats``, each micro-batch's weighted by its targets over the step's
+            targets on every rank, so the shares of the data-parallel ranks sum to the step's
+            mean); 0-d tensors, read when someone looks; not saved.
     """
 
     epoch: int = 0
@@ -55,6 +59,8 @@ class TrainState:
     pending_eval: bool = False
     skipped_steps: int = 0
     nonfinite_streak: int = 0
+    # This rank's share of the step's statistics (0-d tensors; not saved).
+    step_stats: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible copy."""
@@ -133,6 +139,12 @@ class RunState:
         lambda self: float(self._train.grad_norm), doc="Latest pre-clip grad norm."
     )
     metrics = property(lambda self: dict(self._train.metrics), doc="Latest metric values (copy).")
+    step_stats = property(
+        lambda self: {k: float(v) for k, v in self._train.step_stats.items()},
+        doc="This rank's share of the latest step's statistics (the task's StepOutput.stats, "
+        "weighted by targets over the step's targets on every rank): on one process their "
+        "mean over the step; summed over the data-parallel ranks, the run's.",
+    )
     bundle = property(lambda self: self._bundle, doc="Every stateful part of the run, by name.")
     model = property(lambda self: self._bundle.model, doc="The model being trained.")
     optimizer = property(lambda self: self._bundle.optimizer, doc="The optimizer.")

@@ -307,6 +307,7 @@ class Trainer:
                 peak_flops=peak_flops(env.device, cfg.monitoring.peak_flops),
                 world_size=env.world_size,
                 reduce_max=self.sums.host_max if env.world_size > 1 else None,
+                reduce_sum=self.sums.host if env.world_size > 1 else None,
                 device=self.device,
             ),
             extra=callbacks or [],

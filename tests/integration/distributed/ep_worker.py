@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from apt.core.config.model import MoEConfig
 from apt.model.layers.moe import MoEFeedForward
+from apt.trainops.distributed.env import exit_process, teardown_distributed
 from apt.trainops.distributed.expert_parallel import apply_ep
 
 
@@ -27,6 +29,14 @@ def main() -> None:
     parser.add_argument("--capacity-factor", type=float, default=1.0)
     args = parser.parse_args()
     dist.init_process_group("gloo")
+    compare(args)
+    dist.barrier()  # both ranks done with their collectives before the group goes
+    gc.collect()  # the split layer's DTensors hold the mesh, and the mesh the group
+    teardown_distributed()
+    exit_process(0)  # as the CLI ends: gloo can abort in the interpreter's finalization
+
+
+def compare(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same layer on every rank
     cfg = MoEConfig(enabled=True, num_experts=4, top_k=2, capacity_factor=args.capacity_factor)
@@ -61,8 +71,6 @@ def main() -> None:
         diffs[f"expert_{name}"] = float((mine - got).abs().max() / mine.abs().max())
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(diffs))
-    dist.barrier()  # both ranks done with their collectives before the group goes
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -97,6 +97,26 @@ def test_ten_steps_match_ddp(ddp: tr.Finished, expert: tr.Finished, work: Path) 
     assert "expert parallel: the experts of 2 MoE layers over 2 ranks" in expert.output
 
 
+def test_the_loss_parts_are_logged_as_under_ddp(
+    ddp: tr.Finished, expert: tr.Finished, work: Path
+) -> None:
+    """train_lm_loss and the MoE losses, summed over both ranks' targets, sum to train_loss
+    and equal ddp's over the steps before any routing flip (as the losses above)."""
+    parts = ("train_lm_loss", "train_moe_balance", "train_moe_z")
+    for name in ("ddp", "expert"):
+        for record in (r for r in tr.records(work / "runs" / name) if "train_loss" in r):
+            total = sum(record[p] for p in parts)
+            assert total == pytest.approx(record["train_loss"], rel=1e-6), (name, record)
+    by_step = {
+        name: {r["step"]: r for r in tr.records(work / "runs" / name) if "train_loss" in r}
+        for name in ("ddp", "expert")
+    }
+    for step in range(1, 6):
+        for part in (*parts, "train_moe_overflow_fraction"):
+            ref, got = by_step["ddp"][step][part], by_step["expert"][step][part]
+            assert got == pytest.approx(ref, rel=EARLY_RTOL, abs=1e-9), (step, part)
+
+
 def test_first_gradients_match_ddp(ddp: tr.Finished, expert: tr.Finished, work: Path) -> None:
     """After the first backward, on either rank: the experts' gradients (gathered from their
     shards) and the rest's (all-reduced) equal ddp's, where every rank holds every expert.

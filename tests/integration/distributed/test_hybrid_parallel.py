@@ -25,17 +25,13 @@ pytestmark = pytest.mark.distributed
 # loss 1.9e-7). 1e-5 and 1e-4 as in test_tensor_parallel.py: a rank reading the wrong half of
 # the batch, gradients left unsummed over dp_shard or tp, or a loss averaged per rank instead
 # of per target moves the loss by > 1e-3.
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-5
-WEIGHT_RTOL = 1e-4
-STEPS = "training.max_steps=10"
 
 
 def hybrid_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 4 ranks, dp_shard 2 x tp 2, 4 sequences per tp group."""
     tp = "training.distributed.tp=2"
     batch = tr.GLOBAL_BATCH // 2
-    return tr.strategy_cmd(name, "hybrid", tp, STEPS, *overrides, nproc=4, batch_size=batch)
+    return tr.strategy_cmd(name, "hybrid", tp, tr.TEN_STEPS, *overrides, nproc=4, batch_size=batch)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +40,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(work: Path) -> tr.Finished:
-    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
-    return tr.run(cmd, work).check()
+def single(work: Path, one_process_run: Path) -> None:
+    """runs/single and single-grads: the session's one-process run of 10 steps."""
+    tr.copy_one_process_run(one_process_run, work)
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +65,17 @@ def _matches_single(name: str, work: Path) -> None:
     got = tr.train_losses(work / "runs" / name)
     assert sorted(ref) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, ref)
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
     assert got[10] < got[1] - 0.5  # it trains (5.49 -> ~4.5)
     ref_w, got_w = (
         tr.final_weights(work / "runs" / "single"),
         tr.final_weights(work / "runs" / name),
     )
     assert sorted(got_w) == sorted(ref_w)
-    assert tr.max_rel_diff(got_w, ref_w) < WEIGHT_RTOL
+    assert tr.max_rel_diff(got_w, ref_w) < tr.WEIGHT_RTOL
 
 
-def test_ten_steps_match_one_process(single: tr.Finished, hybrid: tr.Finished, work: Path) -> None:
+def test_ten_steps_match_one_process(single: None, hybrid: tr.Finished, work: Path) -> None:
     _matches_single("hybrid", work)
 
     # tokens are counted once per data-parallel rank (2 of them), not once per rank (4)
@@ -90,9 +86,7 @@ def test_ten_steps_match_one_process(single: tr.Finished, hybrid: tr.Finished, w
     assert tokens("hybrid") == tokens("single")
 
 
-def test_first_gradients_match_one_process(
-    single: tr.Finished, hybrid: tr.Finished, work: Path
-) -> None:
+def test_first_gradients_match_one_process(single: None, hybrid: tr.Finished, work: Path) -> None:
     """After the first backward every rank's gradients, gathered from their 2-D shards
     (reduce-scattered over dp_shard, split over tp), are one process's gradients of the whole
     batch: replicated ones (norms) and split ones alike."""
@@ -100,12 +94,10 @@ def test_first_gradients_match_one_process(
     for rank in range(4):
         grads = tr.first_gradients(work / "hybrid-grads", rank)
         assert sorted(grads) == sorted(ref)
-        assert tr.max_rel_diff(grads, ref) < GRAD_RTOL, rank
+        assert tr.max_rel_diff(grads, ref) < tr.GRAD_RTOL, rank
 
 
-def test_sequence_parallel_inside_hybrid_matches_one_process(
-    single: tr.Finished, work: Path
-) -> None:
+def test_sequence_parallel_inside_hybrid_matches_one_process(single: None, work: Path) -> None:
     done = tr.run(hybrid_cmd("hybrid-sp", "training.distributed.sequence_parallel=true"), work)
     done.check()
     _matches_single("hybrid-sp", work)
@@ -131,9 +123,7 @@ def test_crash_then_same_command_ends_bitwise_equal(
     assert tr.train_losses(run_dir) == tr.train_losses(ref_dir)  # exactly
 
 
-def test_hybrid_checkpoint_resumes_in_one_process(
-    killed: dict, single: tr.Finished, work: Path
-) -> None:
+def test_hybrid_checkpoint_resumes_in_one_process(killed: dict, single: None, work: Path) -> None:
     """DCP reshards the step-5 2-D shards into whole tensors; one process trains on to step
     10 as the one-process run did (the global batch stays 8, so the data cursor points at
     the same sample; --allow-config-change: the world size and batch_size are
@@ -141,11 +131,11 @@ def test_hybrid_checkpoint_resumes_in_one_process(
     run_dir = work / "runs" / "to-single"
     dump = work / "to-single.loaded.safetensors"
     flags = ("--allow-config-change",)
-    cmd = tr.single_cmd("to-single", STEPS, tr.loaded_weights_hook(dump), flags=flags)
+    cmd = tr.single_cmd("to-single", tr.TEN_STEPS, tr.loaded_weights_hook(dump), flags=flags)
     done = tr.run(cmd, work).check()
     assert "resumed from" in done.output and "step 5)" in done.output
     assert tr.bitwise_equal(tr.read_weights(dump), tr.checkpoint_weights(run_dir, 5))
     got = tr.train_losses(run_dir)
     assert sorted(got) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, tr.train_losses(work / "runs" / "single"))
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs

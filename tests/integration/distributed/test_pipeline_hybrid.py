@@ -26,16 +26,12 @@ pytestmark = pytest.mark.distributed
 # loss 2.1e-7. 1e-5 / 1e-4 as in test_pipeline_parallel.py: a pipeline reading the other's
 # half, FSDP gradients left unreduced after the schedule, or the tied gradient not summed
 # moves the loss by > 1e-3 at once.
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-5
-WEIGHT_RTOL = 1e-4
-STEPS = "training.max_steps=10"
 
 
 def pp_dp_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 4 ranks, pp 2 x dp_shard 2, 4 sequences per pipeline."""
     pp, batch = "training.distributed.pp=2", tr.GLOBAL_BATCH // 2
-    return tr.strategy_cmd(name, "hybrid", pp, STEPS, *overrides, nproc=4, batch_size=batch)
+    return tr.strategy_cmd(name, "hybrid", pp, tr.TEN_STEPS, *overrides, nproc=4, batch_size=batch)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +40,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(work: Path) -> tr.Finished:
-    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
-    return tr.run(cmd, work).check()
+def single(work: Path, one_process_run: Path) -> None:
+    """runs/single and single-grads: the session's one-process run of 10 steps."""
+    tr.copy_one_process_run(one_process_run, work)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +58,12 @@ def killed(work: Path) -> dict:
     return tr.crash_then_rerun(cmd, work, fault="die:3@7", copy_to="to-fsdp")
 
 
-def test_ten_steps_match_one_process(single: tr.Finished, pp_dp: tr.Finished, work: Path) -> None:
+def test_ten_steps_match_one_process(single: None, pp_dp: tr.Finished, work: Path) -> None:
     ref = tr.train_losses(work / "runs" / "single")
     got = tr.train_losses(work / "runs" / "pp-dp")
     assert sorted(got) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, ref)
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
     assert got[10] < got[1] - 0.5  # it trains
 
     # tokens are counted once per data-parallel rank (2), not once per rank or stage (4)
@@ -81,14 +77,12 @@ def test_ten_steps_match_one_process(single: tr.Finished, pp_dp: tr.Finished, wo
         tr.final_weights(work / "runs" / "pp-dp"),
     )
     assert sorted(got_w) == sorted(ref_w)  # the export gathers every stage and shard
-    assert tr.max_rel_diff(got_w, ref_w) < WEIGHT_RTOL
+    assert tr.max_rel_diff(got_w, ref_w) < tr.WEIGHT_RTOL
     assert "device mesh: pp 2 x dp_replicate 1 x dp_shard 2 x tp 1 (hybrid)" in pp_dp.output
     assert "(1f1b, FSDP2 over dp_shard 2)" in pp_dp.output
 
 
-def test_first_gradients_match_one_process(
-    single: tr.Finished, pp_dp: tr.Finished, work: Path
-) -> None:
+def test_first_gradients_match_one_process(single: None, pp_dp: tr.Finished, work: Path) -> None:
     """After the first step's schedule each rank's gradients, gathered from the FSDP shards of
     its stage, are one process's gradients of the whole batch (the tied embedding's on both
     stages: the sum of the lookup's and the head's)."""
@@ -98,7 +92,7 @@ def test_first_gradients_match_one_process(
     assert sorted(ranks[0]) == sorted(ranks[1]) and sorted(ranks[2]) == sorted(ranks[3])
     assert sorted(set(ranks[0]) | set(ranks[2])) == sorted(ref)
     for rank, grads in enumerate(ranks):
-        assert tr.max_rel_diff(grads, {k: ref[k] for k in grads}) < GRAD_RTOL, rank
+        assert tr.max_rel_diff(grads, {k: ref[k] for k in grads}) < tr.GRAD_RTOL, rank
 
 
 def test_crash_then_same_command_ends_bitwise_equal(
@@ -113,13 +107,13 @@ def test_crash_then_same_command_ends_bitwise_equal(
     assert tr.train_losses(run_dir) == tr.train_losses(ref_dir)  # exactly
 
 
-def test_checkpoint_resumes_under_fsdp(killed: dict, single: tr.Finished, work: Path) -> None:
+def test_checkpoint_resumes_under_fsdp(killed: dict, single: None, work: Path) -> None:
     """DCP reshards the step-5 checkpoint of 2 stages x 2 shards into fsdp x 2's shards of
     the whole model (each rank still reads 4 of the 8 sequences, so the data cursor points at
     the same sample); the run trains on to step 10 as the one-process run did."""
     dump = work / "to-fsdp.loaded.safetensors"
     flags = ("--allow-config-change",)  # the world size is resume-critical
-    cmd = tr.launch_cmd("to-fsdp", "fsdp", STEPS, tr.loaded_weights_hook(dump), flags=flags)
+    cmd = tr.launch_cmd("to-fsdp", "fsdp", tr.TEN_STEPS, tr.loaded_weights_hook(dump), flags=flags)
     done = tr.run(cmd, work).check()
     assert "resumed from" in done.output and "step 5)" in done.output
     run_dir = work / "runs" / "to-fsdp"
@@ -127,17 +121,17 @@ def test_checkpoint_resumes_under_fsdp(killed: dict, single: tr.Finished, work: 
     got = tr.train_losses(run_dir)
     assert sorted(got) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, tr.train_losses(work / "runs" / "single"))
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
 
 
 def test_interleaved_1f1b_over_fsdp_stages_matches_one_process(work: Path) -> None:
     """Four blocks, two stages per pipeline rank, each stage sharded over its 2 dp_shard ranks
     (the multi-stage schedule reduce-scatters each stage's gradients itself). Measured 2.0e-7."""
     blocks = "model.num_layers=4"
-    tr.run(tr.single_cmd("single-4", STEPS, blocks), work).check()
+    tr.run(tr.single_cmd("single-4", tr.TEN_STEPS, blocks), work).check()
     schedule = "training.distributed.pipeline.schedule=interleaved_1f1b"
     done = tr.run(pp_dp_cmd("interleaved", blocks, schedule), work).check()
     assert "(interleaved_1f1b, FSDP2 over dp_shard 2)" in done.output
     got = tr.train_losses(work / "runs" / "interleaved")
     diffs = tr.loss_rel_diffs(got, tr.train_losses(work / "runs" / "single-4"))
-    assert sorted(got) == list(range(1, 11)) and max(diffs.values()) < LOSS_RTOL, diffs
+    assert sorted(got) == list(range(1, 11)) and max(diffs.values()) < tr.LOSS_RTOL, diffs

@@ -28,18 +28,12 @@ pytestmark = pytest.mark.distributed
 # 1.8e-7); weights after 10 steps 2.5e-6. 1e-5 leaves a >= 30x margin and fails on any real
 # error: a loss scaled by the micro-batch count (torch's default scale_grads), the tied
 # gradient not summed, or a stage skipping a block moves the loss by > 1e-3 at once.
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-5
-# Adam turns round-off-sized gradient differences into O(lr) updates (see
-# test_trainer_distributed.py). Hence 1e-4.
-WEIGHT_RTOL = 1e-4
-STEPS = "training.max_steps=10"
 FOUR_BLOCKS = "model.num_layers=4"
 
 
 def pipeline_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 2 pipeline ranks, each reading the whole batch of 8."""
-    return tr.strategy_cmd(name, "pipeline", STEPS, *overrides)
+    return tr.strategy_cmd(name, "pipeline", tr.TEN_STEPS, *overrides)
 
 
 def schedule(name: str) -> str:
@@ -52,9 +46,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(work: Path) -> tr.Finished:
-    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
-    return tr.run(cmd, work).check()
+def single(work: Path, one_process_run: Path) -> None:
+    """runs/single and single-grads: the session's one-process run of 10 steps."""
+    tr.copy_one_process_run(one_process_run, work)
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +72,17 @@ def killed(work: Path) -> dict:
 
 @pytest.mark.parametrize("name", ["1f1b", "gpipe"])
 def test_ten_steps_match_one_process(
-    name: str, single: tr.Finished, one_f_one_b: tr.Finished, gpipe: tr.Finished, work: Path
+    name: str, single: None, one_f_one_b: tr.Finished, gpipe: tr.Finished, work: Path
 ) -> None:
     ref = tr.train_losses(work / "runs" / "single")
     got = tr.train_losses(work / "runs" / name)
     assert sorted(ref) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, ref)
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
     assert got[10] < got[1] - 0.5  # it trains (5.49 -> ~4.6)
     val, val_ref = tr.val_losses(work / "runs" / name), tr.val_losses(work / "runs" / "single")
     assert sorted(val) == sorted(val_ref) == [0, 10]
-    assert max(tr.loss_rel_diffs(val, val_ref).values()) < LOSS_RTOL
+    assert max(tr.loss_rel_diffs(val, val_ref).values()) < tr.LOSS_RTOL
 
     # tokens are counted once per data-parallel rank, not once per stage
     def tokens(run: str) -> dict[int, float]:
@@ -99,12 +93,10 @@ def test_ten_steps_match_one_process(
     ref_w = tr.final_weights(work / "runs" / "single")
     got_w = tr.final_weights(work / "runs" / name)
     assert sorted(got_w) == sorted(ref_w)  # the export gathers every stage, one name each
-    assert tr.max_rel_diff(got_w, ref_w) < WEIGHT_RTOL
+    assert tr.max_rel_diff(got_w, ref_w) < tr.WEIGHT_RTOL
 
 
-def test_gradients_match_one_process(
-    single: tr.Finished, one_f_one_b: tr.Finished, work: Path
-) -> None:
+def test_gradients_match_one_process(single: None, one_f_one_b: tr.Finished, work: Path) -> None:
     """First step: each rank holds the gradients of its stage's parameters, equal to one
     process's; the tied embedding's (both ranks) is the sum of the lookup's and the head's."""
     ref = load_file(str(work / "single-grads.rank0.safetensors"))
@@ -113,11 +105,11 @@ def test_gradients_match_one_process(
     assert "norm.weight" in ranks[1] and "blocks.1.mlp.up_proj.weight" in ranks[1]
     assert sorted(set(ranks[0]) | set(ranks[1])) == sorted(ref)
     for grads in ranks:
-        assert tr.max_rel_diff(grads, {k: ref[k] for k in grads}) < GRAD_RTOL
+        assert tr.max_rel_diff(grads, {k: ref[k] for k in grads}) < tr.GRAD_RTOL
 
 
 def test_checkpoints_are_dcp_shards_with_the_models_names(
-    single: tr.Finished, one_f_one_b: tr.Finished, work: Path
+    single: None, one_f_one_b: tr.Finished, work: Path
 ) -> None:
     run_dir = work / "runs" / "1f1b"
     files = tr.checkpoint_files(run_dir, 10)
@@ -144,15 +136,13 @@ def test_crash_then_same_command_ends_bitwise_equal(
     assert tr.train_losses(run_dir) == tr.train_losses(ref_dir)  # exactly
 
 
-def test_pp2_checkpoint_resumes_in_one_process(
-    killed: dict, single: tr.Finished, work: Path
-) -> None:
+def test_pp2_checkpoint_resumes_in_one_process(killed: dict, single: None, work: Path) -> None:
     """DCP gathers the two stages' tensors (and their optimizer state, whose parameter groups
     name every stage's parameters) into one process, which trains on to step 10 as the
     one-process run did."""
     run_dir = work / "runs" / "to-single"
     dump = work / "to-single.loaded.safetensors"
-    cmd = tr.single_cmd("to-single", STEPS, tr.loaded_weights_hook(dump))
+    cmd = tr.single_cmd("to-single", tr.TEN_STEPS, tr.loaded_weights_hook(dump))
     done = tr.run(cmd, work).check()
     assert "resumed from" in done.output and "step 5)" in done.output
     saved = tr.checkpoint_weights(run_dir, 5)
@@ -161,18 +151,18 @@ def test_pp2_checkpoint_resumes_in_one_process(
     got = tr.train_losses(run_dir)
     assert sorted(got) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, tr.train_losses(work / "runs" / "single"))
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
 
 
 def test_interleaved_1f1b_matches_one_process(work: Path) -> None:
     """Four blocks, two stages per rank (rank 0: blocks 0 and 2, rank 1: blocks 1 and 3)."""
-    ref = tr.run(tr.single_cmd("single-4", STEPS, FOUR_BLOCKS), work).check()
+    ref = tr.run(tr.single_cmd("single-4", tr.TEN_STEPS, FOUR_BLOCKS), work).check()
     done = tr.run(pipeline_cmd("interleaved", FOUR_BLOCKS, schedule("interleaved_1f1b")), work)
     done.check()
     assert "stages 0: blocks 0-0, 1: blocks 1-1, 2: blocks 2-2, 3: blocks 3-3" in done.output
     got = tr.train_losses(work / "runs" / "interleaved")
     diffs = tr.loss_rel_diffs(got, tr.train_losses(work / "runs" / "single-4"))
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
     assert ref.returncode == 0
 
 
@@ -192,7 +182,7 @@ def test_layout_errors_stop_both_ranks(work: Path, override: str, message: str) 
     assert message in done.output, done.output[-3000:]
 
 
-def test_a_whole_model_checkpoint_is_refused_naming_why(single: tr.Finished, work: Path) -> None:
+def test_a_whole_model_checkpoint_is_refused_naming_why(single: None, work: Path) -> None:
     """A pipeline rank holds part of the model; a gathered one-process checkpoint holds all of
     it. The resume stops (no training from scratch over it) and says what to do instead."""
     shutil.copytree(work / "runs" / "single", work / "runs" / "single-to-pp")

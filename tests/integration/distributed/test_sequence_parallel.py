@@ -25,12 +25,6 @@ pytestmark = pytest.mark.distributed
 # margin and still fails on any real error: a norm gradient left a partial sum (half the
 # positions: ~50% off), RoPE or the causal mask applied to a shard instead of the whole
 # sequence, or a shard reduce-scattered along the wrong dimension moves the loss by > 1e-3.
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-5
-# Weights after 10 Adam steps drift further: Adam turns round-off-sized gradient differences
-# into O(lr) updates (see test_trainer_distributed.py). Measured 4.4e-6; hence 1e-4.
-WEIGHT_RTOL = 1e-4
-STEPS = "training.max_steps=10"
 NORMS = (
     "norm.weight",
     "blocks.0.attn_norm.weight",
@@ -43,7 +37,7 @@ NORMS = (
 def sequence_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 2 tp ranks with sequence parallelism, each reading the
     whole batch of 8."""
-    return tr.strategy_cmd(name, "sequence", STEPS, *overrides)
+    return tr.strategy_cmd(name, "sequence", tr.TEN_STEPS, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +46,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(work: Path) -> tr.Finished:
-    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
-    return tr.run(cmd, work).check()
+def single(work: Path, one_process_run: Path) -> None:
+    """runs/single and single-grads: the session's one-process run of 10 steps."""
+    tr.copy_one_process_run(one_process_run, work)
 
 
 @pytest.fixture(scope="module")
@@ -72,27 +66,25 @@ def killed(work: Path) -> dict:
     return tr.crash_then_rerun(cmd, work, fault="die:1@7", copy_to="to-single")
 
 
-def test_ten_steps_match_one_process(
-    single: tr.Finished, sequence: tr.Finished, work: Path
-) -> None:
+def test_ten_steps_match_one_process(single: None, sequence: tr.Finished, work: Path) -> None:
     ref = tr.train_losses(work / "runs" / "single")
     got = tr.train_losses(work / "runs" / "sequence")
     assert sorted(ref) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, ref)
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
     assert got[10] < got[1] - 0.5  # it trains (5.49 -> ~4.6)
     # evaluation (steps 0 and 10) runs on sequence shards too
     val = tr.loss_rel_diffs(
         tr.val_losses(work / "runs" / "sequence"), tr.val_losses(work / "runs" / "single")
     )
-    assert sorted(val) == [0, 10] and max(val.values()) < LOSS_RTOL, val
+    assert sorted(val) == [0, 10] and max(val.values()) < tr.LOSS_RTOL, val
     ref_w = tr.final_weights(work / "runs" / "single")
     got_w = tr.final_weights(work / "runs" / "sequence")
     assert sorted(got_w) == sorted(ref_w)
-    assert tr.max_rel_diff(got_w, ref_w) < WEIGHT_RTOL
+    assert tr.max_rel_diff(got_w, ref_w) < tr.WEIGHT_RTOL
 
 
-def test_gradient_accumulation_matches_one_process(single: tr.Finished, work: Path) -> None:
+def test_gradient_accumulation_matches_one_process(single: None, work: Path) -> None:
     """Two micro-batches of 4 per step: the second backward adds its partial norm gradients
     to the whole ones of the first, which must sum them over the ranks too (measured: loss
     within 2.8e-7 of one process's single micro-batch of 8)."""
@@ -102,21 +94,19 @@ def test_gradient_accumulation_matches_one_process(single: tr.Finished, work: Pa
     tr.run(cmd, work).check()
     ref = tr.train_losses(work / "runs" / "single")
     diffs = tr.loss_rel_diffs(tr.train_losses(work / "runs" / "accumulated"), ref)
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
 
 
-def test_gradients_match_one_process(
-    single: tr.Finished, sequence: tr.Finished, work: Path
-) -> None:
+def test_gradients_match_one_process(single: None, sequence: tr.Finished, work: Path) -> None:
     """First backward: every gradient equals one process's; each norm weight's, summed over
     the two ranks' halves of the sequence, is the whole one on both ranks."""
     ref = load_file(str(work / "single-grads.rank0.safetensors"))
     ranks = [load_file(str(work / f"sequence-grads.rank{r}.safetensors")) for r in (0, 1)]
     assert sorted(ranks[0]) == sorted(ref) == sorted(ranks[1])
-    assert tr.max_rel_diff(ranks[0], ref) < GRAD_RTOL
+    assert tr.max_rel_diff(ranks[0], ref) < tr.GRAD_RTOL
     for name in NORMS:
-        assert tr.max_rel_diff({name: ranks[0][name]}, {name: ref[name]}) < GRAD_RTOL, name
-        assert tr.max_rel_diff({name: ranks[1][name]}, {name: ref[name]}) < GRAD_RTOL, name
+        assert tr.max_rel_diff({name: ranks[0][name]}, {name: ref[name]}) < tr.GRAD_RTOL, name
+        assert tr.max_rel_diff({name: ranks[1][name]}, {name: ref[name]}) < tr.GRAD_RTOL, name
 
 
 def test_checkpoints_are_dcp_shards_of_both_ranks(sequence: tr.Finished, work: Path) -> None:
@@ -138,21 +128,19 @@ def test_crash_then_same_command_ends_bitwise_equal(
     assert tr.train_losses(run_dir) == tr.train_losses(ref_dir)  # exactly
 
 
-def test_sequence_checkpoint_resumes_in_one_process(
-    killed: dict, single: tr.Finished, work: Path
-) -> None:
+def test_sequence_checkpoint_resumes_in_one_process(killed: dict, single: None, work: Path) -> None:
     """DCP reshards the step-5 checkpoint (split weights, replicated norms) into whole
     tensors; one process trains on to step 10 as the one-process run did."""
     run_dir = work / "runs" / "to-single"
     dump = work / "to-single.loaded.safetensors"
-    cmd = tr.single_cmd("to-single", STEPS, tr.loaded_weights_hook(dump))
+    cmd = tr.single_cmd("to-single", tr.TEN_STEPS, tr.loaded_weights_hook(dump))
     done = tr.run(cmd, work).check()
     assert "resumed from" in done.output and "step 5)" in done.output
     assert tr.bitwise_equal(tr.read_weights(dump), tr.checkpoint_weights(run_dir, 5))
     got = tr.train_losses(run_dir)
     assert sorted(got) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, tr.train_losses(work / "runs" / "single"))
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
 
 
 def test_sequence_length_not_divisible_stops_both_ranks(work: Path) -> None:

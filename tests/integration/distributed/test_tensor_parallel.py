@@ -25,18 +25,12 @@ pytestmark = pytest.mark.distributed
 # margin and still fails on any real error: a head count left global, a missing all-reduce, a
 # tie broken between embedding and head, or the two ranks reading different batches moves the
 # loss by > 1e-3 at once.
-LOSS_RTOL = 1e-5
-GRAD_RTOL = 1e-5
-# Weights after 10 Adam steps drift further (measured 4.4e-6): Adam turns round-off-sized
-# gradients into O(lr) updates (see test_trainer_distributed.py). Hence 1e-4.
-WEIGHT_RTOL = 1e-4
-STEPS = "training.max_steps=10"
 REPLICATED = ("norm.weight", "blocks.0.attn_norm.weight", "blocks.1.mlp_norm.weight")
 
 
 def tensor_cmd(name: str, *overrides: str) -> list[str]:
     """``python -m apt launch`` of 2 tp ranks, each reading the whole batch of 8."""
-    return tr.strategy_cmd(name, "tensor", STEPS, *overrides)
+    return tr.strategy_cmd(name, "tensor", tr.TEN_STEPS, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +39,9 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(work: Path) -> tr.Finished:
-    cmd = tr.single_cmd("single", STEPS, tr.first_gradients_hook(work / "single-grads"))
-    return tr.run(cmd, work).check()
+def single(work: Path, one_process_run: Path) -> None:
+    """runs/single and single-grads: the session's one-process run of 10 steps."""
+    tr.copy_one_process_run(one_process_run, work)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +59,12 @@ def killed(work: Path) -> dict:
     return tr.crash_then_rerun(cmd, work, fault="die:1@7", copy_to="to-single")
 
 
-def test_ten_steps_match_one_process(single: tr.Finished, tensor: tr.Finished, work: Path) -> None:
+def test_ten_steps_match_one_process(single: None, tensor: tr.Finished, work: Path) -> None:
     ref = tr.train_losses(work / "runs" / "single")
     got = tr.train_losses(work / "runs" / "tensor")
     assert sorted(ref) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, ref)
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
     assert got[10] < got[1] - 0.5  # it trains (5.49 -> ~4.6)
 
     # tokens are counted once per data-parallel rank, not once per tp rank
@@ -84,19 +78,19 @@ def test_ten_steps_match_one_process(single: tr.Finished, tensor: tr.Finished, w
         tr.final_weights(work / "runs" / "tensor"),
     )
     assert sorted(got_w) == sorted(ref_w)
-    assert tr.max_rel_diff(got_w, ref_w) < WEIGHT_RTOL
+    assert tr.max_rel_diff(got_w, ref_w) < tr.WEIGHT_RTOL
 
 
-def test_gradients_match_one_process(single: tr.Finished, tensor: tr.Finished, work: Path) -> None:
+def test_gradients_match_one_process(single: None, tensor: tr.Finished, work: Path) -> None:
     """First backward: every gradient (the split ones gathered) equals one process's; a
     replicated parameter's (the norms) is the same on both tp ranks, as computed in one."""
     ref = load_file(str(work / "single-grads.rank0.safetensors"))
     ranks = [load_file(str(work / f"tensor-grads.rank{r}.safetensors")) for r in (0, 1)]
     assert sorted(ranks[0]) == sorted(ref) == sorted(ranks[1])
-    assert tr.max_rel_diff(ranks[0], ref) < GRAD_RTOL
+    assert tr.max_rel_diff(ranks[0], ref) < tr.GRAD_RTOL
     for name in REPLICATED:
-        assert tr.max_rel_diff({name: ranks[0][name]}, {name: ref[name]}) < GRAD_RTOL, name
-        assert tr.max_rel_diff({name: ranks[1][name]}, {name: ref[name]}) < GRAD_RTOL, name
+        assert tr.max_rel_diff({name: ranks[0][name]}, {name: ref[name]}) < tr.GRAD_RTOL, name
+        assert tr.max_rel_diff({name: ranks[1][name]}, {name: ref[name]}) < tr.GRAD_RTOL, name
 
 
 def test_checkpoints_are_dcp_shards_of_both_ranks(tensor: tr.Finished, work: Path) -> None:
@@ -119,14 +113,12 @@ def test_crash_then_same_command_ends_bitwise_equal(
     assert tr.train_losses(run_dir) == tr.train_losses(ref_dir)  # exactly
 
 
-def test_tp2_checkpoint_resumes_in_one_process(
-    killed: dict, single: tr.Finished, work: Path
-) -> None:
+def test_tp2_checkpoint_resumes_in_one_process(killed: dict, single: None, work: Path) -> None:
     """DCP reshards the tp=2 shards of step 5 into whole tensors; one process trains on to
     step 10 as the one-process run did (the data cursor counts data-parallel batches)."""
     run_dir = work / "runs" / "to-single"
     dump = work / "to-single.loaded.safetensors"
-    cmd = tr.single_cmd("to-single", STEPS, tr.loaded_weights_hook(dump))
+    cmd = tr.single_cmd("to-single", tr.TEN_STEPS, tr.loaded_weights_hook(dump))
     done = tr.run(cmd, work).check()
     assert "resumed from" in done.output and "step 5)" in done.output
     saved = tr.checkpoint_weights(run_dir, 5)
@@ -134,7 +126,7 @@ def test_tp2_checkpoint_resumes_in_one_process(
     got = tr.train_losses(run_dir)
     assert sorted(got) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, tr.train_losses(work / "runs" / "single"))
-    assert max(diffs.values()) < LOSS_RTOL, diffs
+    assert max(diffs.values()) < tr.LOSS_RTOL, diffs
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,18 @@ BASE = (
 GLOBAL_BATCH = 8
 FAULT_HOOK = "callbacks=[{name: trainer_hooks:FaultHook}]"
 
+# What every model-parallel strategy (tensor, sequence, pipeline, hybrid) must match one
+# process by over TEN_STEPS, fp32 on gloo, the same samples per step. Only the order of sums
+# differs (each test file says which sums and what it measured: at most 4.6e-7 for a loss or
+# a first-step gradient), so 1e-5 leaves a >= 20x margin and still fails on any real error
+# (those move the loss by > 1e-3 at once). Weights after 10 Adam steps drift further (measured
+# up to 5.0e-6): Adam turns round-off-sized gradient differences into O(lr) updates (see
+# test_trainer_distributed.py). Hence 1e-4.
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-5
+WEIGHT_RTOL = 1e-4
+TEN_STEPS = "training.max_steps=10"
+
 
 def tiny_train_size() -> int:
     """Sequences in the training split of the BASE run (what every rank's sampler shares)."""
@@ -117,6 +129,19 @@ def crash_then_rerun(cmd: list[str], cwd: Path, *, fault: str, copy_to: str) -> 
     shutil.copytree(run_dir, cwd / "runs" / copy_to)
     rerun = run(cmd, cwd).check()
     return {"crashed": crashed, "latest": latest_after_crash, "rerun": rerun}
+
+
+def train_one_process_run(work: Path) -> None:
+    """The one-process run of TEN_STEPS the strategies are compared with: ``runs/single`` and
+    its first-step gradients (``single-grads.rank0.safetensors``) in ``work``."""
+    run(single_cmd("single", TEN_STEPS, first_gradients_hook(work / "single-grads")), work).check()
+
+
+def copy_one_process_run(source: Path, work: Path) -> None:
+    """Put the one-process run trained in ``source`` into ``work``, as if trained there."""
+    shutil.copytree(source / "runs" / "single", work / "runs" / "single")
+    for grads in source.glob("single-grads.*"):
+        shutil.copy2(grads, work / grads.name)
 
 
 def first_gradients_hook(stem: Path) -> str:

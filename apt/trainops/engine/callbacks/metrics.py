@@ -12,6 +12,11 @@ Every ``log_interval`` optimizer steps (all ranks take part; rank 0 sends):
 ``mfu``                     model FLOPs utilization, when the device's peak is known
 ``peak_memory_gib``         peak device memory (CUDA: allocated; CPU: the process's max RSS),
                             largest over ranks
+``train_<stat>``            the step's statistics from the task (``StepOutput.stats``), each
+                            its mean over the step's targets on every rank, as ``train_loss``:
+                            an APT model with auxiliary losses logs ``train_lm_loss`` and
+                            ``train_moe_balance``, ``train_moe_z``, ``train_align_kl`` (their
+                            sum is ``train_loss``), and ``train_moe_overflow_fraction``
 ==========================  ================================================================
 
 After every evaluation: the ``val_*`` metrics and ``best_<monitor>``/``best_<monitor>_step``.
@@ -61,6 +66,8 @@ class MetricsLogger(Callback):
         world_size: devices the run trains on (the peak is per device).
         reduce_max: the largest of a number over ranks (None: one process); called on every
             rank at the same steps.
+        reduce_sum: the sum of a number over the data-parallel ranks (None: one process), for
+            the step's statistics; called on every rank at the same steps, in name order.
         device: where peak memory is read.
     """
 
@@ -73,6 +80,7 @@ class MetricsLogger(Callback):
         peak_flops: float | None = None,
         world_size: int = 1,
         reduce_max: Callable[[float], float] | None = None,
+        reduce_sum: Callable[[float], float] | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         self.log_interval = log_interval
@@ -81,6 +89,7 @@ class MetricsLogger(Callback):
         self.peak_flops = peak_flops
         self.world_size = world_size
         self.reduce_max = reduce_max
+        self.reduce_sum = reduce_sum
         self.device = torch.device(device)
         self._step_started = 0.0
         self._tokens_at_start = 0
@@ -111,6 +120,8 @@ class MetricsLogger(Callback):
             "tokens_per_second": tokens_per_second,
             "peak_memory_gib": memory,
         }
+        for name, share in sorted(state.step_stats.items()):
+            metrics[f"train_{name}"] = share if self.reduce_sum is None else self.reduce_sum(share)
         if self.flops_per_token and self.peak_flops:
             achieved = tokens_per_second * self.flops_per_token
             metrics["mfu"] = achieved / (self.peak_flops * self.world_size)

@@ -40,7 +40,9 @@ class StepOutput:
 
     Attributes:
         loss: mean loss over the batch's targets, with autograd history when training.
-        stats: detached scalars worth logging (MoE overflow fraction, ...).
+        stats: detached scalars worth logging (an APT model's auxiliary losses, its MoE
+            overflow fraction, ...); the loop logs each as ``train_<name>``, the step's mean
+            over its targets like ``train_loss``.
         totals: sums over the batch's targets (correct predictions, entropy, ...); evaluation
             adds them over batches and ranks and reports ``val_<name>`` = sum / targets.
     """

@@ -51,6 +51,17 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def _loss_parts(out: Any) -> dict[str, torch.Tensor]:
+    """What an APT model's loss is made of, detached, beside its other statistics: with
+    auxiliary losses on (MoE balance and z, align_kl), ``lm_loss`` and each of them (their sum
+    is the loss); nothing more for a plain language model, whose loss is ``lm_loss``."""
+    aux = dict(getattr(out, "aux_losses", {}) or {})
+    parts = {name: value.detach() for name, value in aux.items()}
+    if parts and getattr(out, "lm_loss", None) is not None:
+        parts["lm_loss"] = out.lm_loss.detach()
+    return {**parts, **(getattr(out, "stats", {}) or {})}
+
+
 def _forward_parameters(model: nn.Module) -> set[str]:
     try:
         return set(inspect.signature(unwrap_model(model).forward).parameters)
@@ -155,7 +166,7 @@ class CausalLMTask(TrainingTask):
             # never written out (APT models: return_logits=False).
             loss_only = {"return_logits": False} if self._takes("return_logits", model) else {}
             out = model(input_ids, targets=labels, **loss_only, **self._documents(batch, model))
-            return StepOutput(loss=out.loss, stats=dict(getattr(out, "stats", {}) or {}))
+            return StepOutput(loss=out.loss, stats=_loss_parts(out))
         logits = model(input_ids)
         logits = getattr(logits, "logits", logits)
         return StepOutput(loss=criterion(logits, labels))
