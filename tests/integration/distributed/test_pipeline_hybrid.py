@@ -98,13 +98,7 @@ def test_first_gradients_match_one_process(single: None, pp_dp: tr.Finished, wor
 def test_crash_then_same_command_ends_bitwise_equal(
     killed: dict, pp_dp: tr.Finished, work: Path
 ) -> None:
-    assert killed["crashed"].returncode != 0
-    assert killed["latest"] == "step-000000005"
-    assert "resumed from" in killed["rerun"].output and "step 5)" in killed["rerun"].output
-    run_dir, ref_dir = work / "runs" / "killed", work / "runs" / "pp-dp"
-    got, ref = tr.final_weights(run_dir), tr.final_weights(ref_dir)
-    assert tr.bitwise_equal(got, ref), tr.max_rel_diff(got, ref)
-    assert tr.train_losses(run_dir) == tr.train_losses(ref_dir)  # exactly
+    tr.check_rerun_ends_as(killed, work, "pp-dp")
 
 
 def test_checkpoint_resumes_under_fsdp(killed: dict, single: None, work: Path) -> None:

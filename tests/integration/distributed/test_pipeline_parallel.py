@@ -127,13 +127,7 @@ def test_checkpoints_are_dcp_shards_with_the_models_names(
 def test_crash_then_same_command_ends_bitwise_equal(
     killed: dict, one_f_one_b: tr.Finished, work: Path
 ) -> None:
-    assert killed["crashed"].returncode != 0
-    assert killed["latest"] == "step-000000005"
-    assert "resumed from" in killed["rerun"].output and "step 5)" in killed["rerun"].output
-    run_dir, ref_dir = work / "runs" / "killed", work / "runs" / "1f1b"
-    got, ref = tr.final_weights(run_dir), tr.final_weights(ref_dir)
-    assert tr.bitwise_equal(got, ref), tr.max_rel_diff(got, ref)
-    assert tr.train_losses(run_dir) == tr.train_losses(ref_dir)  # exactly
+    tr.check_rerun_ends_as(killed, work, "1f1b")
 
 
 def test_pp2_checkpoint_resumes_in_one_process(killed: dict, single: None, work: Path) -> None:

@@ -144,6 +144,19 @@ def copy_one_process_run(source: Path, work: Path) -> None:
         shutil.copy2(grads, work / grads.name)
 
 
+def check_rerun_ends_as(killed: dict, work: Path, reference: str) -> None:
+    """The run :func:`crash_then_rerun` crashed after step 7 (LATEST: step 5) and ran again
+    resumed from step 5 and ended bitwise where the uninterrupted ``runs/<reference>`` did,
+    losses and weights."""
+    assert killed["crashed"].returncode != 0
+    assert killed["latest"] == "step-000000005"
+    assert "resumed from" in killed["rerun"].output and "step 5)" in killed["rerun"].output
+    run_dir, ref_dir = work / "runs" / "killed", work / "runs" / reference
+    got, ref = final_weights(run_dir), final_weights(ref_dir)
+    assert bitwise_equal(got, ref), max_rel_diff(got, ref)
+    assert train_losses(run_dir) == train_losses(ref_dir)  # exactly
+
+
 def first_gradients_hook(stem: Path) -> str:
     """The ``--set`` that installs :class:`tp_hooks.FirstGradients` writing ``stem``.rank<r>."""
     return f"callbacks=[{{name: tp_hooks:FirstGradients, path: '{stem}'}}]"
