@@ -76,7 +76,7 @@ class _StepWork:
         self.batches: Sequence[Any] = batches
         self.counts: Sequence[int] = counts
         self.stats: dict[str, torch.Tensor] = {}  # this rank's share of the step's statistics
-        self._current = 0
+        self._current = 0  # the micro-batch begin() handed out last: the one forward() runs
 
     def begin(self, i: int) -> Any:
         self.loop.fire(Event.BATCH_START)

@@ -59,7 +59,6 @@ class TrainState:
     pending_eval: bool = False
     skipped_steps: int = 0
     nonfinite_streak: int = 0
-    # This rank's share of the step's statistics (0-d tensors; not saved).
     step_stats: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
