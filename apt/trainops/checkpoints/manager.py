@@ -349,7 +349,9 @@ class CheckpointManager:
                 field), a part it does not hold, or state that does not fit the objects
                 (:class:`~apt.trainops.checkpoints.errors.CheckpointMismatchError`).
         """
-        described = describe_parts({**(parts or {}), **named_parts})
+        described = describe_parts(
+            {**(parts or {}), **named_parts}, partial=self._transaction.payload.holds_part
+        )
         self._finish_quietly()  # retention of a save in flight must not race this read
         ckpt = verify_checkpoint(resolve_checkpoint(self.save_dir, name_or_step))
         return read_checkpoint(
@@ -385,7 +387,9 @@ class CheckpointManager:
             CheckpointMismatchError: checkpoints verify but none fits the objects (nothing is
                 moved).
         """
-        described = describe_parts({**(parts or {}), **named_parts})
+        described = describe_parts(
+            {**(parts or {}), **named_parts}, partial=self._transaction.payload.holds_part
+        )
         self._finish_quietly()  # its barriers must not interleave with this one's
         if self.is_writer:
             with self._lock:

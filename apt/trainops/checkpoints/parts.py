@@ -65,12 +65,16 @@ class Part:
         kind: ``module``, ``optimizer`` or ``state``.
         obj: the live object.
         module: for an optimizer, the name of the module part whose parameters it updates.
+        partial: a module (or its optimizer) that holds part of the model a checkpoint may
+            hold whole, as a pipeline rank holds its stages: a whole state's tensors of the
+            other parts are left unread instead of refused.
     """
 
     name: str
     kind: PartKind
     obj: Any
     module: str | None = None
+    partial: bool = False
 
     @property
     def folder(self) -> str:
@@ -141,8 +145,9 @@ def module_of(part: Part, parts: list[Part]) -> nn.Module:
     )
 
 
-def describe_parts(parts: Mapping[str, Any]) -> list[Part]:
-    """Classify ``parts`` (entries whose value is None are left out), in their given order.
+def describe_parts(parts: Mapping[str, Any], *, partial: bool = False) -> list[Part]:
+    """Classify ``parts`` (entries whose value is None are left out), in their given order;
+    ``partial`` marks the modules and optimizers as holding part of the model.
 
     Raises:
         CheckpointError: a name that is not lower_snake_case, or an object with no state dict.
@@ -156,7 +161,13 @@ def describe_parts(parts: Mapping[str, Any]) -> list[Part]:
     kinds = {name: _kind(name, obj) for name, obj in given.items()}
     modules = {n: obj for n, obj in given.items() if kinds[n] == "module"}
     return [
-        Part(name, kinds[name], obj, _owner(obj, modules) if kinds[name] == "optimizer" else None)
+        Part(
+            name,
+            kinds[name],
+            obj,
+            _owner(obj, modules) if kinds[name] == "optimizer" else None,
+            partial=partial and kinds[name] != "state",
+        )
         for name, obj in given.items()
     ]
 

@@ -56,6 +56,12 @@ StateDict = dict[str, Any]
 class Payload(Protocol):
     """How the state of a checkpoint's parts is written into, and read from, its folder."""
 
+    @property
+    def holds_part(self) -> bool:
+        """This rank's modules hold part of the model (pipeline stages), so a whole state is
+        loaded in part (:attr:`~apt.trainops.checkpoints.parts.Part.partial`)."""
+        ...
+
     def snapshot(
         self, parts: list[Part], *, buffers: SnapshotBuffers | None, is_writer: bool
     ) -> Any:
@@ -104,6 +110,7 @@ class _WholeState:
 
     #: Gathers and loads states (None: each object's own state_dict, no collectives).
     strategy: Strategy | None = None
+    holds_part = False
 
     def _gather(
         self, module: Part | None, optimizer: Part | None, parts: list[Part]

@@ -123,7 +123,7 @@ def _module_fits(ckpt: VerifiedCheckpoint, part: Part) -> None:
         for k, v in unwrap_model(part.obj).state_dict().items()
     }
     missing = sorted(set(own) - set(saved))
-    extra = sorted(set(saved) - set(own))
+    extra = [] if part.partial else sorted(set(saved) - set(own))  # the other stages' tensors
     wrong = sorted(
         f"{k} {saved[k][1]} {saved[k][0]} vs {own[k][1]} {own[k][0]}"
         for k in set(saved) & set(own)
@@ -133,11 +133,9 @@ def _module_fits(ckpt: VerifiedCheckpoint, part: Part) -> None:
         fix = "Build the model with the checkpoint's config."
         if extra and not missing and not wrong:
             fix = (
-                "It holds more tensors than this process's module: is this a run that holds "
-                "part of the model (its pipeline stages) resuming a whole-model checkpoint "
-                "(strategy single or ddp)? Pipeline stages resume from sharded (DCP) "
-                "checkpoints only: resume it under single, ddp or fsdp, or build the "
-                "model with the checkpoint's config."
+                "It holds more tensors than the module: to load part of a whole model, load "
+                "it through a payload that holds part (ShardedStatePayload of a pipeline "
+                "strategy), or build the model with the checkpoint's config."
             )
         raise CheckpointMismatchError(
             f"{ckpt.path / rel} does not fit the {part.name}: missing {_listing(missing)}, "
@@ -160,7 +158,9 @@ def _optimizer_fits(ckpt: VerifiedCheckpoint, part: Part, parts: list[Part]) -> 
         )
     saved = [len(g["params"]) for g in groups]
     given = [len(g["params"]) for g in part.obj.param_groups]
-    if saved != given:
+    if part.partial:
+        _part_of_groups(ckpt.path / rel, part, parts, groups)
+    elif saved != given:
         raise CheckpointMismatchError(
             f"{ckpt.path / rel} does not fit the {part.name}: it has parameter groups of "
             f"{saved} parameters, the given optimizer {given}"
@@ -168,7 +168,8 @@ def _optimizer_fits(ckpt: VerifiedCheckpoint, part: Part, parts: list[Part]) -> 
     keys = [k for g in groups for k in g["params"]]
     indices = all(isinstance(k, int) and not isinstance(k, bool) for k in keys)
     if keys and all(isinstance(k, str) for k in keys):
-        _names_fit(ckpt.path / rel, part, parts, keys)
+        if not part.partial:  # a part's names were matched group by group above
+            _names_fit(ckpt.path / rel, part, parts, keys)
     elif not indices or sorted(keys) != list(range(len(keys))):
         raise CheckpointError(
             f"{ckpt.path / rel}: not an optimizer state: its parameters must be the indices "
@@ -179,6 +180,38 @@ def _optimizer_fits(ckpt: VerifiedCheckpoint, part: Part, parts: list[Part]) -> 
             f"{ckpt.path / rel}: not an optimizer state: 'state' holds parameters that no "
             "parameter group lists"
         )
+
+
+def _part_of_groups(where: Any, part: Part, parts: list[Part], groups: list[dict]) -> None:
+    """A stage's optimizer against a whole one's groups: as many groups, each naming every
+    parameter the stage's group holds (what a pipeline rank loads of a whole state)."""
+    given = part.obj.param_groups
+    if len(groups) != len(given):
+        raise CheckpointMismatchError(
+            f"{where} does not fit the {part.name}: it has {len(groups)} parameter groups, "
+            f"the given optimizer {len(given)}"
+        )
+    keys = [k for g in groups for k in g["params"]]
+    if not all(isinstance(k, str) for k in keys):
+        raise CheckpointMismatchError(
+            f"{where} keys its parameters by index, which cannot be matched to the "
+            f"parameters of part of the model; load it in one process and save it again "
+            "through the Trainer (it keys them by name)"
+        )
+    try:
+        names = _param_names(module_of(part, parts), part.obj)
+    except KeyError:  # FSDP2 may hold other parameter objects than the module shows
+        return
+    start = 0
+    for g, (group, saved) in enumerate(zip(given, groups, strict=True)):
+        own = names[start : start + len(group["params"])]
+        start += len(group["params"])
+        absent = sorted(set(own) - set(saved["params"]))
+        if absent:
+            raise CheckpointMismatchError(
+                f"{where} does not fit the {part.name}: its parameter group {g} does not "
+                f"name {_listing(absent)}. Build the model with the checkpoint's config."
+            )
 
 
 def _names_fit(where: Any, part: Part, parts: list[Part], keys: list[str]) -> None:

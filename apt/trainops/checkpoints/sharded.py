@@ -57,6 +57,10 @@ class ShardedStatePayload:
         self.strategy = strategy
         self.group = process_group
 
+    @property
+    def holds_part(self) -> bool:
+        return self.strategy.holds_part
+
     def snapshot(
         self, parts: list[Part], *, buffers: SnapshotBuffers | None, is_writer: bool
     ) -> Any:

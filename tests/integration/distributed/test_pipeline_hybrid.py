@@ -5,7 +5,7 @@ Four ranks, gloo, CPU, cpu/tiny. Stage 0 (embedding, block 0) lives on ranks {0,
 between them; stage 1 (block 1, final norm, head tied to the embedding) on ranks {2, 3}. The
 pipelines {0, 2} and {1, 3} each read their data-parallel half (4 sequences) of the global
 batch of 8 that one process reads in one micro-batch, cut by the schedule into 2 micro-batches.
-Every run is 10 steps (checkpoints at 5 and 10). About 65 s on 2 cores (5 launches, 3 of 4
+Every run is 10 steps (checkpoints at 5 and 10). About 80 s on 2 cores (6 launches, 4 of 4
 processes, 1 of 2).
 """
 
@@ -116,6 +116,15 @@ def test_checkpoint_resumes_under_fsdp(killed: dict, single: None, work: Path) -
     assert sorted(got) == list(range(1, 11))
     diffs = tr.loss_rel_diffs(got, tr.train_losses(work / "runs" / "single"))
     assert max(diffs.values()) < tr.LOSS_RTOL, diffs
+
+
+def test_a_one_process_checkpoint_resumes_in_sharded_stages(single: None, work: Path) -> None:
+    """The one-process run's gathered step-5 checkpoint resumed by pp 2 x dp_shard 2: every
+    rank takes its stage's tensors and optimizer state and FSDP2 shards them; the run trains
+    on to step 10 as the one-process run did."""
+    run_dir = tr.one_process_checkpoint(work, "single-to-pp-dp")
+    cmd = [*pp_dp_cmd("single-to-pp-dp"), "--allow-config-change"]  # another world size
+    tr.check_trained_on_as_one_process(tr.run(cmd, work).check(), run_dir, work)
 
 
 def test_interleaved_1f1b_over_fsdp_stages_matches_one_process(work: Path) -> None:

@@ -10,7 +10,6 @@ stages per rank. About 45 s on 2 cores (10 launches, the module's runs shared by
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -176,13 +175,17 @@ def test_layout_errors_stop_both_ranks(work: Path, override: str, message: str) 
     assert message in done.output, done.output[-3000:]
 
 
-def test_a_whole_model_checkpoint_is_refused_naming_why(single: None, work: Path) -> None:
-    """A pipeline rank holds part of the model; a gathered one-process checkpoint holds all of
-    it. The resume stops (no training from scratch over it) and says what to do instead."""
-    shutil.copytree(work / "runs" / "single", work / "runs" / "single-to-pp")
-    cmd = [*pipeline_cmd("single-to-pp"), "--allow-config-change"]
-    done = tr.run(cmd, work, timeout=60)
-    assert done.returncode != 0
-    assert "Pipeline stages resume from sharded (DCP) checkpoints only" in done.output, done.output[
-        -3000:
-    ]
+def test_a_one_process_checkpoint_resumes_in_pipeline_stages(single: None, work: Path) -> None:
+    """The one-process run's gathered checkpoint of step 5 (whole model, optimizer keyed by
+    name) resumed by 2 pipeline ranks: each loads its stages' tensors, bitwise, and their
+    optimizer state, and trains on to step 10 as the one-process run did."""
+    run_dir = tr.one_process_checkpoint(work, "single-to-pp")
+    dump = work / "single-to-pp.loaded.rank{rank}.safetensors"
+    done = tr.run(pipeline_cmd("single-to-pp", tr.loaded_weights_hook(dump)), work).check()
+    tr.check_trained_on_as_one_process(done, run_dir, work)
+    saved = tr.checkpoint_weights(run_dir, 5)
+    stages = [tr.read_weights(Path(str(dump).format(rank=r))) for r in (0, 1)]
+    assert "blocks.0.attn.q_proj.weight" in stages[0] and "norm.weight" in stages[1]
+    assert sorted(set(stages[0]) | set(stages[1])) == sorted(saved)
+    for stage in stages:
+        assert tr.bitwise_equal(stage, {k: saved[k] for k in stage})

@@ -88,7 +88,8 @@ class LoadedWeights(Callback):
     """After a checkpoint was loaded, write the model's full weights to ``path`` (rank 0).
 
     Args:
-        path: the safetensors file to write.
+        path: the safetensors file to write; with ``{rank}`` in it, every rank writes what it
+            holds (a pipeline rank: its stages' weights).
     """
 
     def __init__(self, path: str) -> None:
@@ -96,12 +97,13 @@ class LoadedWeights(Callback):
 
     def on_checkpoint_load(self, state: RunState, control: Control) -> None:
         model = state.model
-        if dist.is_initialized():  # DDP or FSDP: gather (collective, every rank takes part)
+        per_rank = "{rank}" in self.path
+        if dist.is_initialized() and not per_rank:  # DDP or FSDP: gather (collective)
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             weights = get_model_state_dict(model, options=options)
         else:
             weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        if state.rank != 0:
+        if state.rank != 0 and not per_rank:
             return
         tensors = {k: v.clone().contiguous() for k, v in weights.items() if torch.is_tensor(v)}
-        save_file(tensors, self.path)
+        save_file(tensors, self.path.format(rank=state.rank) if per_rank else self.path)

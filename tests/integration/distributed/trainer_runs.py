@@ -144,6 +144,31 @@ def copy_one_process_run(source: Path, work: Path) -> None:
         shutil.copy2(grads, work / grads.name)
 
 
+def one_process_checkpoint(work: Path, name: str) -> Path:
+    """``runs/<name>``: a copy of ``runs/single`` whose newest checkpoint is step 5's (the
+    later one and the final model removed), for a run under another layout to resume from;
+    its path."""
+    run_dir = work / "runs" / name
+    shutil.copytree(work / "runs" / "single", run_dir)
+    shutil.rmtree(checkpoint_dir(run_dir, 10))
+    shutil.rmtree(run_dir / "final_model")
+    (run_dir / "checkpoints" / "LATEST").write_text(checkpoint_dir(run_dir, 5).name + "\n")
+    return run_dir
+
+
+def check_trained_on_as_one_process(done: Finished, run_dir: Path, work: Path) -> None:
+    """``done`` resumed ``run_dir`` from step 5 and trained on to step 10 as ``runs/single``
+    did: losses (steps 1-5 logged before the copy) and final weights within tolerance."""
+    assert "resumed from" in done.output and "step 5)" in done.output, done.output[-3000:]
+    assert "from step 5 to step 10" in done.output, done.output[-3000:]
+    got = train_losses(run_dir)
+    assert sorted(got) == list(range(1, 11))
+    diffs = loss_rel_diffs(got, train_losses(work / "runs" / "single"))
+    assert max(diffs.values()) < LOSS_RTOL, diffs
+    weights = max_rel_diff(final_weights(run_dir), final_weights(work / "runs" / "single"))
+    assert weights < WEIGHT_RTOL, weights
+
+
 def check_rerun_ends_as(killed: dict, work: Path, reference: str) -> None:
     """The run :func:`crash_then_rerun` crashed after step 7 (LATEST: step 5) and ran again
     resumed from step 5 and ended bitwise where the uninterrupted ``runs/<reference>`` did,

@@ -145,10 +145,13 @@ class Strategy:
             pipeline: each rank its stages), so a full state needs a gather, and checkpoints
             are written shard by shard
             with DCP.
+        holds_part: this rank's model has only some of the whole model's tensors (pipeline
+            stages; DTensor shards still name every tensor), so it loads a whole state in part.
     """
 
     name: ClassVar[str] = ""
     sharded: bool = False
+    holds_part: bool = False
 
     def __init__(
         self,

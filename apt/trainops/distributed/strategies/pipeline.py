@@ -89,7 +89,7 @@ class PipelineStrategy(Strategy):
                 "training.precision fp16 under training.distributed.strategy pipeline: the "
                 "schedule backpropagates past the fp16 gradient scaler; use bf16 or fp32"
             )
-        self.sharded = in_process_group()
+        self.sharded = self.holds_part = in_process_group()
         self.num_stages = self.dims.pp * cfg.pipeline.local_stages
         self.pp_rank = self.dims.pp_rank(env.rank)
         self._ranks: list[int] = next(
@@ -371,9 +371,13 @@ class PipelineStrategy(Strategy):
             k: v for k, v in full_model.items() if k in names
         }  # fmt: skip
         local_optim: StateDict = {}
-        if full_optim:
+        if full_optim:  # keyed by name: this rank's parameters of each group, and their state
             state = {k: v for k, v in full_optim.get("state", {}).items() if k in names}
-            local_optim = {"state": state, "param_groups": full_optim.get("param_groups", [])}
+            groups = [
+                {**g, "params": [n for n in g["params"] if n in names]}
+                for g in full_optim.get("param_groups", [])
+            ]
+            local_optim = {"state": state, "param_groups": groups}
         load_full_state(model, optimizer, local_model, local_optim)
 
 

@@ -349,7 +349,7 @@ MISFITS = {
     "an extra tensor": (
         lambda t: t.update({"extra.weight": torch.zeros(2)}),
         "unexpected ['extra.weight'], other shape or dtype (saved vs given) []. It holds more "
-        "tensors than this process's module",
+        "tensors than the module: to load part of a whole model",
     ),
 }
 
