@@ -4,16 +4,19 @@
 >>> result = Trainer.from_config(load_profile("quickstart")).train()   # doctest: +SKIP
 
 The engine classes are imported on first use, so ``import apt`` and config-only CLI commands
-stay fast.
+stay fast; APT's modules load with the garbage collector paused (:mod:`apt.core.startup`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from apt.core.config import APTConfig, load_profile
-from apt.core.errors import APTError, CheckpointError, ConfigError, DataError, DistributedError
-from apt.core.version import __version__
+from apt.core.startup import collector_paused
+
+with collector_paused():  # apt.core.startup says why
+    from apt.core.config import APTConfig, load_profile
+    from apt.core.errors import APTError, CheckpointError, ConfigError, DataError, DistributedError
+    from apt.core.version import __version__
 
 __all__ = [
     "APTConfig",
@@ -46,5 +49,6 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        with collector_paused():
+            return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'apt' has no attribute {name!r}")
