@@ -195,7 +195,7 @@ def _part_of_groups(where: Any, part: Part, parts: list[Part], groups: list[dict
     if not all(isinstance(k, str) for k in keys):
         raise CheckpointMismatchError(
             f"{where} keys its parameters by index, which cannot be matched to the "
-            f"parameters of part of the model; load it in one process and save it again "
+            "parameters of part of the model; load it in one process and save it again "
             "through the Trainer (it keys them by name)"
         )
     try:
